@@ -1,0 +1,22 @@
+"""lipcert: proven bounds on the Lipschitz constant of neural networks.
+
+    >>> import lipcert
+    >>> graph = lipcert.load("models/mlp_spiral.onnx")          # doctest: +SKIP
+    >>> lipcert.bound(graph, method="naive", norm=2).value      # doctest: +SKIP
+"""
+
+import logging
+
+from .api import bound, methods
+from .errors import InputError, LipcertError, ModelError, SolverError, UnsupportedModelError
+from .graph import Graph
+from .load import load, supported_ops
+from .result import Result
+
+__version__ = "0.1.0"
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "load", "bound", "methods", "supported_ops", "Graph", "Result",
+    "LipcertError", "ModelError", "UnsupportedModelError", "InputError", "SolverError", "__version__",
+]

@@ -1,0 +1,47 @@
+"""The Python API: load a model, bound its Lipschitz constant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Settings, normalize_norm
+from .estimators import ESTIMATORS, estimate
+from .graph import Graph
+from .load import load
+from .result import Result
+
+
+def bound(
+    model: Any,
+    method: str = "naive",
+    norm: Any = 2,
+    input_shape: tuple[int, ...] | None = None,
+    **settings: Any,
+) -> Result:
+    """Bound the Lipschitz constant of ``model`` with one method.
+
+    Args:
+        model: a path to an ``.onnx`` file, an ``onnx.ModelProto``, a ``torch.nn.Module`` (give
+            ``input_shape``) or a loaded ``Graph``.
+        method: a registered estimator (``lipcert.methods()`` lists them), e.g. ``"naive"``.
+        norm: 2, "inf" or 1: the vector norm on input and output.
+        input_shape: the input shape, batch axis included, when the model does not fix it.
+        **settings: further fields of ``lipcert.config.Settings`` (seed, iterations, solver, ...).
+
+    Returns:
+        A ``Result``: ``value`` is a proven upper bound when ``kind == "upper"`` and
+        ``certified`` is True, an estimate when ``kind == "estimate"``, and a witnessed lower
+        bound when ``kind == "lower"``.
+
+    Example:
+        >>> import lipcert
+        >>> r = lipcert.bound("models/mlp_spiral.onnx", method="naive", norm=2)  # doctest: +SKIP
+        >>> r.value, r.certified  # doctest: +SKIP
+    """
+    graph = model if isinstance(model, Graph) else load(model, input_shape)
+    return estimate(graph, method, Settings(norm=normalize_norm(norm), **settings))
+
+
+def methods() -> dict[str, str]:
+    """Registered methods in order of preference, with their kind and description."""
+    return {name: f"[{e.kind}] {e.description}" for name, e in ESTIMATORS.items()}

@@ -1,0 +1,197 @@
+"""The lipcert command line: bound, info, ops, methods."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import progress
+from .config import NORMS, Settings
+from .errors import LipcertError
+from .result import Result
+
+
+def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+        if not shape or any(n <= 0 for n in shape):
+            raise ValueError
+        return shape
+    except ValueError:
+        raise click.BadParameter(f"expected positive integers separated by commas, like 1,3,32,32; got {value!r}") from None
+
+
+def model_options(fn: Callable) -> Callable:
+    """MODEL argument plus --input-shape."""
+    fn = click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W", help="Input shape with the batch axis, when the model does not fix it.")(fn)
+    return click.argument("model", type=click.Path(dir_okay=False))(fn)
+
+
+def output_options(fn: Callable) -> Callable:
+    """--json and --quiet, shared by every command that prints results."""
+    fn = click.option("--quiet", "-q", is_flag=True, help="No progress or notes on stderr.")(fn)
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")(fn)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn lipcert's errors into one message on stderr and exit code 1 (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LipcertError as exc:
+            click.echo(f"Error: {exc.message()}", err=True)
+            sys.exit(1)
+        except MemoryError:
+            click.echo("Error: out of memory. What to do: use a method that needs less memory (e.g. --method naive) or a smaller model.", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _load(model: str, input_shape: tuple[int, ...] | None):
+    from .load import load
+
+    progress.note(f"loading {model} ...")
+    return load(model, input_shape)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def format_results(results: list[Result], layers: bool = False) -> str:
+    rows = []
+    for r in results:
+        value = "failed" if r.value is None else f"{r.value:.6g}"
+        proof = "proven" if r.certified else ("witnessed" if r.kind == "lower" and r.value is not None else "no")
+        rows.append([r.method, r.kind, f"l{r.norm}", value, proof, f"{r.time_s:.2f}s", r.status])
+    out = _table(rows, ["method", "kind", "norm", "value", "certified", "time", "status"])
+    for r in results:
+        if layers and r.layers:
+            lrows = [
+                [layer.name, layer.op[:40], f"{layer.value:.6g}", "exact" if layer.exact else "bound", layer.how,
+                 "" if layer.cumulative is None else f"{layer.cumulative:.6g}"]
+                for layer in r.layers
+            ]
+            out += f"\n\nper-layer norms ({r.method}, l{r.norm}):\n" + _table(lrows, ["node", "op", "norm", "", "how", "bound so far"])
+        for w in r.warnings:
+            out += f"\nnote ({r.method}): {w}"
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lipcert")
+def main() -> None:
+    """lipcert: proven bounds on the Lipschitz constant of a neural network.
+
+    \b
+    Typical use:
+      lipcert info models/mlp_spiral.onnx          what lipcert sees in the model
+      lipcert bound models/mlp_spiral.onnx         a proven l2 upper bound
+      lipcert bound model.onnx --norm inf --json   the linf bound, as JSON
+      lipcert ops                                  the ONNX ops lipcert can bound
+    """
+
+
+def _method_names() -> list[str]:
+    from .estimators import ESTIMATORS
+
+    return [*ESTIMATORS, "all"]
+
+
+@main.command()
+@model_options
+@click.option("--method", "-m", type=click.Choice(_method_names()), default="naive", show_default=True, help="How to bound: see `lipcert methods`. 'all' runs every method that applies.")
+@click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
+@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Iterations of power / Gram iteration.")
+@click.option("--solver", default=None, help="cvxpy solver for --method sdp (see `lipcert methods`).")
+@click.option("--sdp-variant", type=click.Choice(["neuron", "layer"]), default="neuron", show_default=True, help="LipSDP multipliers: one per neuron or one per layer.")
+@click.option("--layers", is_flag=True, help="Also print the per-layer norms and their running product.")
+@output_options
+@friendly_errors
+def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, layers: bool, as_json: bool, quiet: bool) -> None:
+    """Bound the Lipschitz constant of MODEL (an .onnx file).
+
+    A value marked 'proven' is a mathematical upper bound on the Lipschitz constant
+    (||f(x) - f(y)|| <= value * ||x - y|| for all x, y); an 'estimate' is not.
+
+    \b
+    Examples:
+      lipcert bound models/mlp_spiral.onnx
+      lipcert bound models/cnn_bars.onnx --norm inf --layers
+      lipcert bound model.onnx --method all --json
+    """
+    from .estimators import ESTIMATORS, estimate
+
+    progress.set_quiet(quiet or as_json)
+    graph = _load(model, input_shape)
+    settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant)
+    if method == "all":
+        names = [n for n, e in ESTIMATORS.items() if e.accepts(graph, settings) is None]
+    else:
+        names = [method]
+    results = []
+    for name in names:
+        progress.note(f"running {name} ...")
+        results.append(estimate(graph, name, settings))
+    if as_json:
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "results": [r.to_dict() for r in results]}))
+    else:
+        click.echo(format_results(results, layers=layers))
+
+
+@main.command()
+@model_options
+@output_options
+@friendly_errors
+def info(model: str, input_shape, as_json: bool, quiet: bool) -> None:
+    """Show the layer graph lipcert builds from MODEL: nodes, shapes, slopes."""
+    progress.set_quiet(quiet or as_json)
+    graph = _load(model, input_shape)
+    rows = graph.summary()
+    if as_json:
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape), "nodes": rows}))
+        return
+    click.echo(f"model:  {model}\nsha256: {graph.sha256}\ninput:  {list(graph.input_shape)}  output: {list(graph.output_shape)}\nnodes:  {len(rows)}\n")
+    click.echo(_table([[r["name"], r["op"], r["type"], ",".join(r["inputs"]), "x".join(map(str, r["out_shape"])), r["detail"]] for r in rows], ["node", "op", "type", "inputs", "output", "detail"]))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def ops(as_json: bool) -> None:
+    """List the ONNX ops lipcert can load and bound."""
+    from .load import supported_ops
+
+    names = supported_ops()
+    click.echo(json.dumps(names) if as_json else "\n".join(names))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def methods(as_json: bool) -> None:
+    """List the bounding methods (in order of preference) and the installed cvxpy solvers."""
+    from .api import methods as list_methods
+
+    try:
+        import cvxpy
+
+        solvers = sorted(cvxpy.installed_solvers())
+    except Exception:  # pragma: no cover - cvxpy is a dependency
+        solvers = []
+    if as_json:
+        click.echo(json.dumps({"methods": list_methods(), "cvxpy_solvers": solvers}))
+        return
+    for name, text in list_methods().items():
+        click.echo(f"{name:<10} {text}")
+    click.echo(f"\ncvxpy solvers installed: {', '.join(solvers) or 'none'}")

@@ -1,0 +1,59 @@
+"""Settings shared by every estimator, and the one parameter-validation message format."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import InputError
+
+NORMS = ("2", "inf", "1")
+
+
+def check_choice(func: str, param: str, value: Any, choices: tuple | list) -> None:
+    if value not in choices:
+        raise InputError(f"The '{param}' parameter of {func}() must be one of {{{', '.join(map(str, choices))}}}. Got {value!r} instead.")
+
+
+def check_range(func: str, param: str, value: Any, low: float, high: float = math.inf, kind: type = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not low <= value <= high:
+        bounds = f"[{low}, {'inf' if high == math.inf else high}]"
+        raise InputError(f"The '{param}' parameter of {func}() must be {'an int' if kind is int else 'a number'} in {bounds}. Got {value!r} instead.")
+
+
+def normalize_norm(norm: Any, func: str = "bound") -> str:
+    """Accept 2, '2', 'l2', inf, 'inf', 'linf', 1, '1', 'l1' and return '2', 'inf' or '1'."""
+    text = str(norm).lower().removeprefix("l")
+    if isinstance(norm, float) and math.isinf(norm):
+        text = "inf"
+    text = {"2.0": "2", "1.0": "1", "infinity": "inf"}.get(text, text)
+    check_choice(func, "norm", text, NORMS)
+    return text
+
+
+@dataclass
+class Settings:
+    """Everything that decides a result; recorded in ``Result.settings`` for reproduction."""
+
+    norm: str = "2"
+    seed: int = 0
+    iterations: int = 100  # power / Gram iterations
+    solver: str | None = None  # cvxpy solver name for LipSDP
+    sdp_variant: str = "neuron"
+    device: str = "cpu"
+    starts: int = 64  # lower-bound search starts
+    steps: int = 50  # lower-bound ascent steps
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.norm = normalize_norm(self.norm, "Settings")
+        check_range("Settings", "seed", self.seed, 0)
+        check_range("Settings", "iterations", self.iterations, 1)
+        check_range("Settings", "starts", self.starts, 1)
+        check_range("Settings", "steps", self.steps, 0)
+        check_choice("Settings", "sdp_variant", self.sdp_variant, ("neuron", "layer"))
+        check_choice("Settings", "device", self.device, ("cpu", "cuda", "auto"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

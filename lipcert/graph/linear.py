@@ -1,0 +1,463 @@
+"""Linear operators: the linear part of every affine node of a Graph.
+
+Every operator acts on a batch ``x`` of shape ``(B, *in_shape)`` (float64 torch tensors) and
+answers ``apply``, ``adjoint``, ``dense`` (when small) and ``exact_norm(p)`` for p in
+{"2", "inf", "1"} (None where no exact value is cheap). ``norm_bound(p)`` always gives a proven
+upper bound: the exact norm when there is one, otherwise a sound bound.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NORMS: tuple[str, ...] = ("2", "inf", "1")
+# Largest dense matrix (entries) we build to take an exact norm: 4096 x 6144 floats = 200 MB.
+DENSE_LIMIT = 4096 * 6144
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def dense_norm(a: np.ndarray, p: str) -> float:
+    """Exact operator norm of a dense matrix for the l2, linf or l1 vector norm."""
+    if a.size == 0:
+        return 0.0
+    if p == "2":
+        import scipy.linalg
+
+        return float(scipy.linalg.svdvals(a, check_finite=False)[0])
+    if p == "inf":
+        return float(np.abs(a).sum(axis=1).max())
+    if p == "1":
+        return float(np.abs(a).sum(axis=0).max())
+    raise ValueError(f"norm must be one of {NORMS}, got {p!r}")
+
+
+class LinearOp:
+    """Base class. Subclasses set ``in_shape``, ``out_shape``, ``kind`` and implement ``apply``."""
+
+    kind = "linear"
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """A^T y for a batch y of shape (B, *out_shape), through autograd of ``apply``."""
+        x0 = torch.zeros((y.shape[0], *self.in_shape), dtype=y.dtype, device=y.device)
+        _, vjp = torch.func.vjp(self.apply, x0)
+        return vjp(y)[0]
+
+    @property
+    def in_dim(self) -> int:
+        return _numel(self.in_shape)
+
+    @property
+    def out_dim(self) -> int:
+        return _numel(self.out_shape)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Tensors whose entries must be finite (checked at load time)."""
+        return []
+
+    def dense(self, limit: int = DENSE_LIMIT) -> np.ndarray | None:
+        """The (out_dim x in_dim) matrix, or None when it has more than ``limit`` entries."""
+        if self.in_dim * self.out_dim > limit:
+            return None
+        return self._dense
+
+    @cached_property
+    def _dense(self) -> np.ndarray:
+        cols = []
+        eye = torch.eye(self.in_dim, dtype=torch.float64)
+        for start in range(0, self.in_dim, 1024):
+            chunk = eye[start : start + 1024].reshape(-1, *self.in_shape)
+            cols.append(self.apply(chunk).reshape(chunk.shape[0], -1))
+        return torch.cat(cols).T.contiguous().numpy()
+
+    def exact_norm(self, p: str) -> float | None:
+        """Exact operator norm (None where it would need a too large dense matrix)."""
+        a = self.dense()
+        return None if a is None else self._cached_dense_norm(p)
+
+    def _cached_dense_norm(self, p: str) -> float:
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if p not in cache:
+            cache[p] = dense_norm(self._dense, p)
+        return cache[p]
+
+    def norm_bound(self, p: str) -> tuple[float, bool, str]:
+        """(value, exact, how): a proven upper bound on the operator norm."""
+        exact = self.exact_norm(p)
+        if exact is not None:
+            return exact, True, f"dense {'svd' if p == '2' else 'row/col sums'}"
+        if p == "2":
+            n1, ninf = self.norm_bound("1")[0], self.norm_bound("inf")[0]
+            return math.sqrt(n1 * ninf), False, "sqrt(l1 * linf)"
+        raise NotImplementedError(f"{type(self).__name__} has no l{p} bound")
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.in_shape}->{self.out_shape}"
+
+
+class Reshape(LinearOp):
+    """Reshape, flatten, squeeze, unsqueeze and identity: an isometry for every norm."""
+
+    kind = "reshape"
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+        if _numel(in_shape) != _numel(out_shape):
+            raise ValueError(f"cannot reshape {in_shape} into {out_shape}")
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.out_shape)
+
+    def exact_norm(self, p: str) -> float:
+        return 1.0 if self.in_dim else 0.0
+
+
+class Transpose(LinearOp):
+    """A permutation of axes: an isometry for every norm."""
+
+    kind = "transpose"
+
+    def __init__(self, in_shape: tuple[int, ...], perm: tuple[int, ...]) -> None:
+        if sorted(perm) != list(range(len(in_shape))):
+            raise ValueError(f"perm {perm} is not a permutation of the axes of {in_shape}")
+        self.in_shape, self.perm = tuple(in_shape), tuple(perm)
+        self.out_shape = tuple(in_shape[i] for i in perm)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, *[i + 1 for i in self.perm])
+
+    def exact_norm(self, p: str) -> float:
+        return 1.0
+
+
+class Pad(LinearOp):
+    """Zero padding (or cropping, for negative pads): the norm is 1 unless nothing is kept."""
+
+    kind = "pad"
+
+    def __init__(self, in_shape: tuple[int, ...], begins: tuple[int, ...], ends: tuple[int, ...]) -> None:
+        self.in_shape, self.begins, self.ends = tuple(in_shape), tuple(begins), tuple(ends)
+        self.out_shape = tuple(n + b + e for n, b, e in zip(in_shape, begins, ends))
+        if any(n <= 0 for n in self.out_shape):
+            raise ValueError(f"padding {begins},{ends} leaves an empty tensor from {in_shape}")
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for b, e in zip(reversed(self.begins), reversed(self.ends)):
+            pads += [b, e]
+        return F.pad(x, pads + [0, 0])
+
+    def exact_norm(self, p: str) -> float:
+        return 1.0
+
+
+class Scale(LinearOp):
+    """Elementwise multiplication by a constant (batch-norm, Mul/Div by constants): a diagonal."""
+
+    kind = "scale"
+
+    def __init__(self, in_shape: tuple[int, ...], factor: np.ndarray) -> None:
+        factor = np.asarray(factor, dtype=np.float64)
+        try:
+            full = np.broadcast_to(factor, in_shape)
+        except ValueError as exc:
+            raise ValueError(f"scale of shape {factor.shape} does not broadcast to {in_shape}") from exc
+        self.in_shape = self.out_shape = tuple(in_shape)
+        self.factor = torch.from_numpy(np.array(full, dtype=np.float64))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor.to(x.device)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.factor]
+
+    def exact_norm(self, p: str) -> float:
+        return float(self.factor.abs().max()) if self.factor.numel() else 0.0
+
+
+class MatMul(LinearOp):
+    """Multiplication by a constant matrix along one axis.
+
+    ``axis=-1``: y[..., i] = sum_k W[i, k] x[..., k]  (Gemm, MatMul with a constant right operand).
+    ``axis=-2``: y[..., i, j] = sum_k W[i, k] x[..., k, j]  (MatMul with a constant left operand).
+    Over the other axes it is block-diagonal, so its l2, l1 and linf norms are those of W.
+    """
+
+    kind = "matmul"
+
+    def __init__(self, in_shape: tuple[int, ...], weight: np.ndarray, axis: int = -1) -> None:
+        weight = np.asarray(weight, dtype=np.float64)
+        if weight.ndim != 2 or axis not in (-1, -2) or len(in_shape) < -axis:
+            raise ValueError(f"MatMul needs a 2-D weight and an axis of the input, got {weight.shape}, {axis}")
+        if in_shape[axis] != weight.shape[1]:
+            raise ValueError(f"weight {weight.shape} does not fit input axis of size {in_shape[axis]}")
+        self.weight = torch.from_numpy(np.array(weight, dtype=np.float64))
+        self.axis = axis
+        out = list(in_shape)
+        out[axis] = weight.shape[0]
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.device)
+        return x @ w.T if self.axis == -1 else w @ x
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    @property
+    def is_plain_matrix(self) -> bool:
+        """True when the op is exactly W acting on the flattened input."""
+        return self.in_dim == self.weight.shape[1]
+
+    def exact_norm(self, p: str) -> float:
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if p not in cache:
+            cache[p] = dense_norm(self.weight.numpy(), p)
+        return cache[p]
+
+    def dense(self, limit: int = DENSE_LIMIT) -> np.ndarray | None:
+        if self.is_plain_matrix and self.axis == -1:
+            return self.weight.numpy()
+        return super().dense(limit)
+
+
+class Conv(LinearOp):
+    """N-d convolution (N = 1, 2, 3) or transposed convolution, without bias.
+
+    The input carries the ONNX layout ``(N, C, *spatial)`` with its own leading ONNX batch axis.
+    """
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        weight: np.ndarray,
+        strides: tuple[int, ...],
+        pads: tuple[int, ...],  # ONNX order: begins of every spatial axis, then ends
+        dilations: tuple[int, ...],
+        groups: int = 1,
+        transposed: bool = False,
+        output_padding: tuple[int, ...] | None = None,
+    ) -> None:
+        weight = np.asarray(weight, dtype=np.float64)
+        nd = weight.ndim - 2
+        if nd not in (1, 2, 3) or len(in_shape) != nd + 2:
+            raise ValueError(f"convolution weight {weight.shape} does not fit an input of shape {in_shape}")
+        self.in_shape, self.nd = tuple(in_shape), nd
+        self.weight = torch.from_numpy(np.array(weight, dtype=np.float64))
+        self.strides, self.dilations, self.groups = tuple(strides), tuple(dilations), int(groups)
+        self.begins, self.ends = tuple(pads[:nd]), tuple(pads[nd:])
+        self.transposed = transposed
+        self.output_padding = tuple(output_padding or (0,) * nd)
+        in_channels = weight.shape[0] if transposed else weight.shape[1] * self.groups
+        if in_shape[1] != in_channels:
+            raise ValueError(f"convolution expects {in_channels} input channels, the input has {in_shape[1]}")
+        with torch.no_grad():
+            self.out_shape = tuple(self.apply(torch.zeros((1, *in_shape), dtype=torch.float64)).shape[1:])
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:2]
+        x = x.reshape(-1, *self.in_shape[1:])
+        if self.transposed:
+            fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.nd - 1]
+            y = fn(x, weight, stride=self.strides, dilation=self.dilations, groups=self.groups,
+                   output_padding=self.output_padding)
+            # ONNX pads crop the full transposed output
+            index = [slice(None), slice(None)]
+            for b, e, n in zip(self.begins, self.ends, y.shape[2:]):
+                index.append(slice(b, n - e))
+            y = y[tuple(index)]
+        else:
+            pads: list[int] = []
+            for b, e in zip(reversed(self.begins), reversed(self.ends)):
+                pads += [b, e]
+            if any(pads):
+                x = F.pad(x, pads)
+            fn = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+            y = fn(x, weight, stride=self.strides, dilation=self.dilations, groups=self.groups)
+        return y.reshape(*lead, *y.shape[1:])
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.weight.to(x.device))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def exact_norm(self, p: str) -> float | None:
+        if p in ("inf", "1") and self.dense() is None:
+            # Rows (columns) of |A| sum to |conv|(1) (|conv|^T(1)): exact without the matrix.
+            cache = self.__dict__.setdefault("_norm_cache", {})
+            if p not in cache:
+                absw = self.weight.abs()
+                ones_in = torch.ones((1, *self.in_shape), dtype=torch.float64)
+                if p == "inf":
+                    cache[p] = float(self._conv(ones_in, absw).max())
+                else:
+                    ones_out = torch.ones((1, *self.out_shape), dtype=torch.float64)
+                    _, vjp = torch.func.vjp(lambda t: self._conv(t, absw), ones_in)
+                    cache[p] = float(vjp(ones_out)[0].max())
+            return cache[p]
+        return super().exact_norm(p)
+
+    def norm_bound(self, p: str) -> tuple[float, bool, str]:
+        exact = self.exact_norm(p)
+        if exact is not None:
+            return exact, True, "dense svd" if p == "2" else "|kernel| on ones"
+        return fft_conv_bound(self), False, "circular-conv fft bound"
+
+
+def fft_conv_bound(conv: Conv) -> float:
+    """Proven l2 bound for a zero-padded (possibly strided, dilated, grouped) convolution.
+
+    The zero-padded convolution is (row selection) o (circular convolution on the padded size)
+    o (zero embedding): the outer two have norm <= 1, and the circular convolution's norm is the
+    largest singular value of the kernel's Fourier transform over all frequencies (Sedghi et al.
+    2019). Striding only selects rows. A transposed convolution has the norm of its adjoint.
+    """
+    # For a transposed convolution, the adjoint is the plain convolution with the same weight
+    # (C_in, C_out/g, k...) on the uncropped output; cropping only removes rows.
+    w = conv.weight.numpy()
+    c_out, c_in_g = w.shape[:2]
+    g = conv.groups
+    # expand groups into a block-diagonal full kernel
+    if g > 1:
+        per_out = c_out // g
+        full = np.zeros((c_out, c_in_g * g, *w.shape[2:]))
+        for k in range(g):
+            full[k * per_out : (k + 1) * per_out, k * c_in_g : (k + 1) * c_in_g] = w[k * per_out : (k + 1) * per_out]
+        w = full
+    # dilate the kernel
+    if any(d > 1 for d in conv.dilations):
+        shape = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], conv.dilations)]
+        dil = np.zeros((*w.shape[:2], *shape))
+        dil[(slice(None), slice(None), *[slice(None, None, d) for d in conv.dilations])] = w
+        w = dil
+    if conv.transposed:
+        size = [o + b + e for o, b, e in zip(conv.out_shape[2:], conv.begins, conv.ends)]
+    else:
+        size = [n + b + e for n, b, e in zip(conv.in_shape[2:], conv.begins, conv.ends)]
+    size = [max(n, k) for n, k in zip(size, w.shape[2:])]
+    axes = tuple(range(2, w.ndim))
+    spectrum = np.fft.fftn(w, s=size, axes=axes)  # (C_out, C_in, *size)
+    mats = np.moveaxis(spectrum.reshape(*w.shape[:2], -1), -1, 0)  # (freqs, C_out, C_in)
+    return float(np.linalg.norm(mats, ord=2, axis=(1, 2)).max())
+
+
+class AvgPool(LinearOp):
+    """Average pooling (and global average pooling): a matrix with non-negative entries."""
+
+    kind = "avgpool"
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        kernel: tuple[int, ...],
+        strides: tuple[int, ...],
+        pads: tuple[int, ...],
+        count_include_pad: bool,
+    ) -> None:
+        nd = len(kernel)
+        if nd not in (1, 2, 3) or len(in_shape) != nd + 2:
+            raise ValueError(f"pooling kernel {kernel} does not fit an input of shape {in_shape}")
+        self.in_shape, self.kernel, self.strides = tuple(in_shape), tuple(kernel), tuple(strides)
+        self.begins, self.ends = tuple(pads[:nd]), tuple(pads[nd:])
+        self.count_include_pad = count_include_pad
+        with torch.no_grad():
+            ones = torch.ones((1, *in_shape), dtype=torch.float64)
+            self._divisor = self._sum(ones) if not count_include_pad else None
+            self.out_shape = tuple(self._sum(ones).shape[1:])
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:2]
+        x = x.reshape(-1, *self.in_shape[1:])
+        pads: list[int] = []
+        for b, e in zip(reversed(self.begins), reversed(self.ends)):
+            pads += [b, e]
+        if any(pads):
+            x = F.pad(x, pads)
+        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(self.kernel) - 1]
+        y = fn(x, self.kernel, self.strides) * float(np.prod(self.kernel))
+        return y.reshape(*lead, *y.shape[1:])
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._sum(x)
+        if self._divisor is None:
+            return s / float(np.prod(self.kernel))
+        return s / self._divisor.to(x.device)
+
+    def exact_norm(self, p: str) -> float | None:
+        if p in ("inf", "1"):  # non-negative entries: row/column sums are A 1 and A^T 1
+            ones_in = torch.ones((1, *self.in_shape), dtype=torch.float64)
+            if p == "inf":
+                return float(self.apply(ones_in).max())
+            ones_out = torch.ones((1, *self.out_shape), dtype=torch.float64)
+            return float(self.adjoint(ones_out).max())
+        return super().exact_norm(p)
+
+
+class Composed(LinearOp):
+    """A chain of linear operators applied in order (merged consecutive linear nodes)."""
+
+    kind = "composed"
+
+    def __init__(self, ops: list[LinearOp]) -> None:
+        flat: list[LinearOp] = []
+        for op in ops:
+            flat.extend(op.ops if isinstance(op, Composed) else [op])
+        for a, b in zip(flat, flat[1:]):
+            if a.out_shape != b.in_shape:
+                raise ValueError(f"cannot compose {a.describe()} with {b.describe()}")
+        self.ops = flat
+        self.in_shape, self.out_shape = flat[0].in_shape, flat[-1].out_shape
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        for op in self.ops:
+            x = op.apply(x)
+        return x
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for op in self.ops for t in op.parameters()]
+
+    def dense(self, limit: int = DENSE_LIMIT) -> np.ndarray | None:
+        # A chain of isometries and one matrix needs no probing: reuse the matrix.
+        core = [op for op in self.ops if not isinstance(op, (Reshape, Transpose))]
+        if len(core) == 1 and isinstance(core[0], MatMul) and core[0].dense(limit) is not None and all(
+            isinstance(op, Reshape) for op in self.ops
+        ):
+            return core[0].dense(limit)
+        return super().dense(limit)
+
+    def exact_norm(self, p: str) -> float | None:
+        core = [op for op in self.ops if not isinstance(op, (Reshape, Transpose))]
+        if not core:
+            return 1.0
+        if len(core) == 1 and all(isinstance(op, Reshape) for op in self.ops if op is not core[0]):
+            return core[0].exact_norm(p)
+        return super().exact_norm(p)
+
+    def norm_bound(self, p: str) -> tuple[float, bool, str]:
+        exact = self.exact_norm(p)
+        if exact is not None:
+            return exact, True, "dense svd" if p == "2" else "dense row/col sums"
+        value, how = 1.0, []
+        for op in self.ops:
+            v, _, h = op.norm_bound(p)
+            value *= v
+            how.append(h)
+        return value, False, "product: " + ", ".join(dict.fromkeys(how))
+
+    def describe(self) -> str:
+        return " + ".join(op.kind for op in self.ops)

@@ -1,0 +1,192 @@
+"""Graph nodes: affine maps, elementwise activations, max-pooling, sums and concatenations.
+
+Each node names its producers in ``inputs`` (node names, or ``Graph.INPUT``), knows its output
+shape, computes its forward pass on a batch ``(B, *shape)`` in float64, and gives its Lipschitz
+constant from its inputs to its output per norm (``lipschitz``), with ``exact`` telling whether
+that value is the exact operator norm (True) or a proven upper bound (False).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .linear import LinearOp
+
+
+@dataclass
+class Node:
+    name: str
+    op: str  # the source op type(s), e.g. "Gemm" or "Sub+Flatten+MatMul+Add"
+    inputs: list[str]
+    out_shape: tuple[int, ...]
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.Tensor]:
+        return []
+
+
+@dataclass
+class Affine(Node):
+    """y = A x + b with A a LinearOp."""
+
+    lin: LinearOp = None  # type: ignore[assignment]
+    bias: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin.apply(x)
+        return y if self.bias is None else y + self.bias.to(y.device)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.lin.parameters() + ([self.bias] if self.bias is not None else [])
+
+    def lipschitz(self, p: str) -> tuple[float, bool, str]:
+        return self.lin.norm_bound(p)
+
+
+# name -> (forward, slope interval from params)
+def _prelu(x: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, x, x * slope.to(x.device))
+
+
+@dataclass
+class Activation(Node):
+    """An elementwise activation whose slopes lie in ``slope_interval`` = [alpha, beta]."""
+
+    kind: str = "relu"
+    params: dict = field(default_factory=dict)
+
+    KINDS = ("relu", "leaky_relu", "prelu", "sigmoid", "tanh", "elu", "softplus", "clip")
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KINDS:
+            raise ValueError(f"unknown activation kind {self.kind!r}; known: {self.KINDS}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, p = self.kind, self.params
+        if k == "relu":
+            return torch.relu(x)
+        if k == "leaky_relu":
+            return F.leaky_relu(x, p["alpha"])
+        if k == "prelu":
+            return _prelu(x, p["slope"])
+        if k == "sigmoid":
+            return torch.sigmoid(x)
+        if k == "tanh":
+            return torch.tanh(x)
+        if k == "elu":
+            return F.elu(x, p["alpha"])
+        if k == "softplus":
+            return F.softplus(x)
+        if k == "clip":
+            return torch.clamp(x, p.get("min"), p.get("max"))
+        raise AssertionError(k)
+
+    @property
+    def slope_interval(self) -> tuple[float, float]:
+        """[alpha, beta] with alpha <= (f(a) - f(b)) / (a - b) <= beta for all a != b."""
+        k, p = self.kind, self.params
+        if k == "leaky_relu":
+            a = float(p["alpha"])
+            return (min(a, 1.0), max(a, 1.0))
+        if k == "prelu":
+            s = p["slope"]
+            return (min(float(s.min()), 1.0), max(float(s.max()), 1.0))
+        if k == "sigmoid":
+            return (0.0, 0.25)
+        if k == "elu":
+            a = float(p["alpha"])  # slope a*exp(x) on x < 0, 1 on x > 0
+            return (min(0.0, a), max(1.0, a))
+        if k == "clip":
+            lo, hi = p.get("min"), p.get("max")
+            return (0.0, 0.0 if lo is not None and hi is not None and hi <= lo else 1.0)
+        return (0.0, 1.0)  # relu, tanh, softplus
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.params["slope"]] if self.kind == "prelu" else []
+
+    def lipschitz(self, p: str) -> tuple[float, bool, str]:
+        # elementwise and slope-restricted: the same constant for every p-norm
+        a, b = self.slope_interval
+        return max(abs(a), abs(b)), True, f"slope in [{a:g}, {b:g}]"
+
+
+@dataclass
+class MaxPool(Node):
+    """Max-pooling. With overlapping windows an input entry is in up to m windows, and the
+    Lipschitz constant is at most sqrt(m) (l2), 1 (linf) and m (l1)."""
+
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    in_shape: tuple[int, ...] = ()
+
+    def _padded(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        nd = len(self.kernel)
+        pads: list[int] = []
+        for b, e in zip(reversed(self.pads[:nd]), reversed(self.pads[nd:])):
+            pads += [b, e]
+        return F.pad(x, pads, value=value) if any(pads) else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:2]
+        x = self._padded(x.reshape(-1, *self.in_shape[1:]), -math.inf)
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(self.kernel) - 1]
+        y = fn(x, self.kernel, self.strides, dilation=self.dilations)
+        return y.reshape(*lead, *y.shape[1:])
+
+    @property
+    def max_windows_per_entry(self) -> int:
+        """The largest number of pooling windows that contain one input entry."""
+        nd = len(self.kernel)
+        ones = torch.ones((1, *self.in_shape[1:]), dtype=torch.float64)
+        x = self._padded(ones, 0.0)
+        # count windows through the adjoint of a sum over each window (unit kernel of ones)
+        channels = x.shape[1]
+        weight = torch.ones((channels, 1, *self.kernel), dtype=torch.float64)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        _, vjp = torch.func.vjp(lambda t: conv(t, weight, stride=self.strides, dilation=self.dilations, groups=channels), x)
+        out = conv(x, weight, stride=self.strides, dilation=self.dilations, groups=channels)
+        counts = vjp(torch.ones_like(out))[0] * x  # padded entries do not count
+        return int(round(float(counts.max())))
+
+    def lipschitz(self, p: str) -> tuple[float, bool, str]:
+        m = self.max_windows_per_entry
+        if m <= 1:
+            return 1.0, True, "non-overlapping windows"
+        value = {"2": math.sqrt(m), "inf": 1.0, "1": float(m)}[p]
+        return value, p == "inf", f"windows overlap: each entry in <= {m} windows"
+
+
+@dataclass
+class Sum(Node):
+    """y = sum_i c_i x_i (residual Add, Sub of two branches)."""
+
+    coeffs: tuple[float, ...] = (1.0, 1.0)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = xs[0] * self.coeffs[0]
+        for c, x in zip(self.coeffs[1:], xs[1:]):
+            out = out + c * x
+        return out
+
+
+@dataclass
+class Concat(Node):
+    """Concatenation of branches along one axis of the ONNX shape."""
+
+    axis: int = 0
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, dim=self.axis + 1)
+
+
+def finite(t: torch.Tensor | np.ndarray) -> bool:
+    return bool(torch.isfinite(torch.as_tensor(t)).all())

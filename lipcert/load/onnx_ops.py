@@ -1,0 +1,440 @@
+"""One converter per ONNX op: each turns a node into lipcert graph nodes, or raises Unsupported.
+
+A converter receives ``(ctx, node, attrs, name)``: the loader context, the ONNX node, its
+attributes as Python values, and a unique name for the lipcert node it adds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..graph import Activation, Affine, AvgPool, Concat, Conv, MatMul, MaxPool, Pad, Reshape, Scale, Sum, Transpose
+from ..graph.linear import LinearOp
+from .registry import Unsupported, converter
+
+
+def _add_affine(ctx, node, name: str, lin: LinearOp, bias: np.ndarray | None = None, src: str | None = None) -> None:
+    b = None
+    if bias is not None:
+        b = torch.from_numpy(np.array(np.broadcast_to(np.asarray(bias, np.float64), lin.out_shape)))
+    ctx.add(Affine(name=name, op=node.op_type, inputs=[ctx.var(src or node.input[0])], out_shape=lin.out_shape, lin=lin, bias=b), node.output[0])
+
+
+def _broadcast_const(c: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A constant operand must broadcast to the variable's shape without enlarging it."""
+    try:
+        if np.broadcast_shapes(c.shape, shape) != tuple(shape):
+            raise ValueError
+    except ValueError:
+        raise Unsupported(f"the constant {what} of shape {list(c.shape)} would change the input shape {list(shape)}") from None
+    return np.asarray(c, dtype=np.float64)
+
+
+def _spatial_pads(attrs, in_spatial, kernel, strides, dilations) -> tuple[int, ...]:
+    nd = len(kernel)
+    auto = attrs.get("auto_pad", "NOTSET")
+    if auto in ("NOTSET", ""):
+        return tuple(attrs.get("pads", [0] * (2 * nd)))
+    if auto == "VALID":
+        return (0,) * (2 * nd)
+    begins, ends = [], []
+    for n, k, s, d in zip(in_spatial, kernel, strides, dilations):
+        out = -(-n // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else big)
+        ends.append(big if auto == "SAME_UPPER" else small)
+    return tuple(begins + ends)
+
+
+# --- constants and identities -------------------------------------------------------------------
+@converter("Constant")
+def constant(ctx, node, attrs, name):
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in attrs:
+            ctx.consts[node.output[0]] = np.asarray(attrs[key])
+            return
+    raise Unsupported("only value, value_float(s) and value_int(s) constants are supported")
+
+
+@converter("Identity")
+def identity(ctx, node, attrs, name):
+    ctx.alias(node.output[0], node.input[0])
+
+
+@converter("Dropout")
+def dropout(ctx, node, attrs, name):
+    training = ctx.optional(node, 2)
+    if training is not None and bool(np.asarray(ctx.const(training, "training_mode")).item()):
+        raise Unsupported("training_mode=True: dropout at training time is random; export the model in eval mode")
+    if len(node.output) > 1 and node.output[1]:
+        raise Unsupported("its mask output is used")
+    ctx.alias(node.output[0], node.input[0])
+
+
+@converter("Cast")
+def cast(ctx, node, attrs, name):
+    import onnx
+
+    if attrs.get("to") not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+        raise Unsupported("casts of the network's values to a non-float type are not Lipschitz")
+    ctx.alias(node.output[0], node.input[0])
+
+
+# --- reshaping -----------------------------------------------------------------------------------
+@converter("Flatten")
+def flatten(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    axis = attrs.get("axis", 1)
+    axis = axis + len(shape) if axis < 0 else axis
+    out = (int(np.prod(shape[:axis])), int(np.prod(shape[axis:])))
+    _add_affine(ctx, node, name, Reshape(shape, out))
+
+
+@converter("Reshape")
+def reshape(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    target = [int(v) for v in ctx.const(node.input[1], "shape")]
+    if not attrs.get("allowzero", 0):
+        target = [shape[i] if v == 0 else v for i, v in enumerate(target)]
+    if -1 in target:
+        known = int(np.prod([v for v in target if v != -1]))
+        target[target.index(-1)] = int(np.prod(shape)) // max(known, 1)
+    _add_affine(ctx, node, name, Reshape(shape, tuple(target)))
+
+
+def _squeeze(ctx, node, name, axes):
+    shape = ctx.shape(node.input[0])
+    if axes is None:
+        axes = [i for i, n in enumerate(shape) if n == 1]
+    axes = {a + len(shape) if a < 0 else a for a in axes}
+    _add_affine(ctx, node, name, Reshape(shape, tuple(n for i, n in enumerate(shape) if i not in axes)))
+
+
+def _unsqueeze(ctx, node, name, axes):
+    shape = list(ctx.shape(node.input[0]))
+    rank = len(shape) + len(axes)
+    for a in sorted(a + rank if a < 0 else a for a in axes):
+        shape.insert(a, 1)
+    _add_affine(ctx, node, name, Reshape(ctx.shape(node.input[0]), tuple(shape)))
+
+
+@converter("Squeeze")
+def squeeze_attr(ctx, node, attrs, name):
+    _squeeze(ctx, node, name, attrs.get("axes"))
+
+
+@converter("Squeeze", since=13)
+def squeeze_input(ctx, node, attrs, name):
+    axes = ctx.optional(node, 1)
+    _squeeze(ctx, node, name, None if axes is None else [int(a) for a in ctx.const(axes, "axes")])
+
+
+@converter("Unsqueeze")
+def unsqueeze_attr(ctx, node, attrs, name):
+    _unsqueeze(ctx, node, name, list(attrs["axes"]))
+
+
+@converter("Unsqueeze", since=13)
+def unsqueeze_input(ctx, node, attrs, name):
+    _unsqueeze(ctx, node, name, [int(a) for a in ctx.const(node.input[1], "axes")])
+
+
+@converter("Transpose")
+def transpose(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    perm = tuple(attrs.get("perm", reversed(range(len(shape)))))
+    _add_affine(ctx, node, name, Transpose(shape, perm))
+
+
+@converter("Pad")
+def pad(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    mode = attrs.get("mode", "constant")
+    if mode != "constant":
+        raise Unsupported(f"mode='{mode}': only constant (zero) padding is supported")
+    if ctx.opset < 11:
+        pads, value = list(attrs.get("pads", [])), float(attrs.get("value", 0.0))
+        axes = list(range(len(shape)))
+    else:
+        pads = [int(p) for p in ctx.const(node.input[1], "pads")]
+        value_name = ctx.optional(node, 2)
+        value = 0.0 if value_name is None else float(np.asarray(ctx.const(value_name, "constant_value")).item())
+        axes_name = ctx.optional(node, 3)
+        axes = list(range(len(shape))) if axes_name is None else [int(a) % len(shape) for a in ctx.const(axes_name, "axes")]
+    begins, ends = [0] * len(shape), [0] * len(shape)
+    for k, a in enumerate(axes):
+        begins[a], ends[a] = pads[k], pads[k + len(axes)]
+    lin = Pad(shape, tuple(begins), tuple(ends))
+    bias = None
+    if value != 0.0:  # padding with c = zero padding plus a constant on the border
+        border = lin.apply(torch.zeros((1, *shape), dtype=torch.float64))[0].numpy()
+        bias = np.where(lin.apply(torch.ones((1, *shape), dtype=torch.float64))[0].numpy() == 0, value, border)
+    _add_affine(ctx, node, name, lin, bias)
+
+
+@converter("Concat")
+def concat(ctx, node, attrs, name):
+    if any(ctx.is_const(i) for i in node.input):
+        raise Unsupported("concatenation with a constant tensor is not supported")
+    shapes = [ctx.shape(i) for i in node.input]
+    axis = attrs["axis"] % len(shapes[0])
+    out = list(shapes[0])
+    out[axis] = sum(s[axis] for s in shapes)
+    ctx.add(Concat(name=name, op="Concat", inputs=[ctx.var(i) for i in node.input], out_shape=tuple(out), axis=axis), node.output[0])
+
+
+# --- dense layers ----------------------------------------------------------------------------------
+@converter("Gemm")
+def gemm(ctx, node, attrs, name):
+    if attrs.get("transA", 0):
+        raise Unsupported("transA=1 (the input transposed) is not supported")
+    shape = ctx.shape(node.input[0])
+    w = np.asarray(ctx.const(node.input[1], "weight B"), np.float64)
+    w = w if attrs.get("transB", 0) else w.T  # as (out, in)
+    lin = MatMul(shape, attrs.get("alpha", 1.0) * w, axis=-1)
+    c = ctx.optional(node, 2)
+    bias = None if c is None else attrs.get("beta", 1.0) * _broadcast_const(ctx.const(c, "bias C"), lin.out_shape, "bias C")
+    _add_affine(ctx, node, name, lin, bias)
+
+
+@converter("MatMul")
+def matmul(ctx, node, attrs, name):
+    a, b = node.input[0], node.input[1]
+    if ctx.is_const(b) and not ctx.is_const(a):
+        w = np.asarray(ctx.const(b), np.float64)
+        if w.ndim != 2:
+            raise Unsupported(f"the constant operand must be a matrix, it has shape {list(w.shape)}")
+        shape = ctx.shape(a)
+        if len(shape) == 1:  # vector @ matrix
+            r = Reshape(shape, (1, shape[0]))
+            _add_affine(ctx, node, name, _compose(r, MatMul(r.out_shape, w.T, -1), Reshape((1, w.shape[1]), (w.shape[1],))))
+            return
+        _add_affine(ctx, node, name, MatMul(shape, w.T, axis=-1))
+    elif ctx.is_const(a) and not ctx.is_const(b):
+        w = np.asarray(ctx.const(a), np.float64)
+        shape = ctx.shape(b)
+        if w.ndim != 2:
+            raise Unsupported(f"the constant operand must be a matrix, it has shape {list(w.shape)}")
+        if len(shape) == 1:  # matrix @ vector
+            r = Reshape(shape, (shape[0], 1))
+            _add_affine(ctx, node, name, _compose(r, MatMul(r.out_shape, w, -2), Reshape((w.shape[0], 1), (w.shape[0],))), src=b)
+            return
+        _add_affine(ctx, node, name, MatMul(shape, w, axis=-2), src=b)
+    else:
+        raise Unsupported("the product of two tensors that depend on the input is not globally Lipschitz")
+
+
+def _compose(*ops: LinearOp) -> LinearOp:
+    from ..graph import Composed
+
+    return Composed(list(ops))
+
+
+# --- elementwise arithmetic ------------------------------------------------------------------------
+def _var_const(ctx, node):
+    a, b = node.input[0], node.input[1]
+    if ctx.is_const(b):
+        return a, ctx.const(b), False
+    if ctx.is_const(a):
+        return b, ctx.const(a), True
+    return None
+
+
+@converter("Add", "Sub")
+def add_sub(ctx, node, attrs, name):
+    sign = -1.0 if node.op_type == "Sub" else 1.0
+    vc = _var_const(ctx, node)
+    if vc is None:  # two branches: a residual sum
+        sa, sb = ctx.shape(node.input[0]), ctx.shape(node.input[1])
+        if sa != sb:
+            raise Unsupported(f"adding branches of different shapes {list(sa)} and {list(sb)} (broadcasting) is not supported")
+        ctx.add(Sum(name=name, op=node.op_type, inputs=[ctx.var(node.input[0]), ctx.var(node.input[1])], out_shape=sa, coeffs=(1.0, sign)), node.output[0])
+        return
+    var, c, const_first = vc
+    shape = ctx.shape(var)
+    c = _broadcast_const(c, shape, "operand")
+    if node.op_type == "Sub" and const_first:  # c - x
+        _add_affine(ctx, node, name, Scale(shape, np.array(-1.0)), c, src=var)
+    else:
+        _add_affine(ctx, node, name, Reshape(shape, shape), sign * c, src=var)
+
+
+@converter("Mul", "Div")
+def mul_div(ctx, node, attrs, name):
+    vc = _var_const(ctx, node)
+    if vc is None:
+        raise Unsupported("the product of two tensors that depend on the input is not globally Lipschitz")
+    var, c, const_first = vc
+    if node.op_type == "Div" and const_first:
+        raise Unsupported("division by a tensor that depends on the input is not globally Lipschitz")
+    shape = ctx.shape(var)
+    c = _broadcast_const(c, shape, "factor")
+    if node.op_type == "Div":
+        if np.any(c == 0):
+            raise Unsupported("division by a constant that contains zeros")
+        c = 1.0 / c
+    _add_affine(ctx, node, name, Scale(shape, c), src=var)
+
+
+@converter("Neg")
+def neg(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    _add_affine(ctx, node, name, Scale(shape, np.array(-1.0)))
+
+
+@converter("BatchNormalization")
+def batch_norm(ctx, node, attrs, name):
+    if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
+        raise Unsupported("training_mode=1: export the model in eval mode so batch-norm uses its running statistics")
+    shape = ctx.shape(node.input[0])
+    scale, bias, mean, var = (np.asarray(ctx.const(node.input[k], w), np.float64) for k, w in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))
+    factor = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
+    bshape = (shape[1],) + (1,) * (len(shape) - 2)
+    _add_affine(ctx, node, name, Scale(shape, factor.reshape(bshape)), (bias - mean * factor).reshape(bshape))
+
+
+# --- convolutions and pooling ---------------------------------------------------------------------
+def _conv_geometry(attrs, shape, kernel):
+    nd = len(kernel)
+    strides = tuple(attrs.get("strides", [1] * nd))
+    dilations = tuple(attrs.get("dilations", [1] * nd))
+    return strides, dilations, _spatial_pads(attrs, shape[2:], kernel, strides, dilations)
+
+
+@converter("Conv")
+def conv(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    w = np.asarray(ctx.const(node.input[1], "weight"), np.float64)
+    strides, dilations, pads = _conv_geometry(attrs, shape, w.shape[2:])
+    lin = Conv(shape, w, strides, pads, dilations, attrs.get("group", 1))
+    b = ctx.optional(node, 2)
+    bias = None if b is None else np.asarray(ctx.const(b, "bias"), np.float64).reshape((-1,) + (1,) * (len(shape) - 2))
+    _add_affine(ctx, node, name, lin, bias)
+
+
+@converter("ConvTranspose")
+def conv_transpose(ctx, node, attrs, name):
+    if "output_shape" in attrs or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "", "VALID"):
+        raise Unsupported("output_shape and auto_pad SAME are not supported; give explicit pads")
+    shape = ctx.shape(node.input[0])
+    w = np.asarray(ctx.const(node.input[1], "weight"), np.float64)
+    nd = w.ndim - 2
+    strides = tuple(attrs.get("strides", [1] * nd))
+    dilations = tuple(attrs.get("dilations", [1] * nd))
+    pads = tuple(attrs.get("pads", [0] * (2 * nd)))
+    lin = Conv(shape, w, strides, pads, dilations, attrs.get("group", 1), transposed=True, output_padding=tuple(attrs.get("output_padding", [0] * nd)))
+    b = ctx.optional(node, 2)
+    bias = None if b is None else np.asarray(ctx.const(b, "bias"), np.float64).reshape((-1,) + (1,) * nd)
+    _add_affine(ctx, node, name, lin, bias)
+
+
+def _pool_geometry(attrs, shape):
+    kernel = tuple(attrs["kernel_shape"])
+    if attrs.get("ceil_mode", 0):
+        raise Unsupported("ceil_mode=1 is not supported; export with ceil_mode=False")
+    strides, dilations, pads = _conv_geometry(attrs, shape, kernel)
+    return kernel, strides, dilations, pads
+
+
+@converter("AveragePool")
+def average_pool(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    kernel, strides, dilations, pads = _pool_geometry(attrs, shape)
+    if any(d != 1 for d in dilations):
+        raise Unsupported("dilated average pooling is not supported")
+    _add_affine(ctx, node, name, AvgPool(shape, kernel, strides, pads, bool(attrs.get("count_include_pad", 0))))
+
+
+@converter("GlobalAveragePool")
+def global_average_pool(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    nd = len(shape) - 2
+    _add_affine(ctx, node, name, AvgPool(shape, tuple(shape[2:]), (1,) * nd, (0,) * (2 * nd), True))
+
+
+@converter("MaxPool")
+def max_pool(ctx, node, attrs, name):
+    if len([o for o in node.output if o]) > 1:
+        raise Unsupported("its Indices output is used")
+    shape = ctx.shape(node.input[0])
+    kernel, strides, dilations, pads = _pool_geometry(attrs, shape)
+    mp = MaxPool(name=name, op="MaxPool", inputs=[ctx.var(node.input[0])], out_shape=(), kernel=kernel, strides=strides, pads=pads, dilations=dilations, in_shape=shape)
+    mp.out_shape = tuple(mp.forward(torch.zeros((1, *shape), dtype=torch.float64)).shape[1:])
+    ctx.add(mp, node.output[0])
+
+
+@converter("GlobalMaxPool")
+def global_max_pool(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    nd = len(shape) - 2
+    mp = MaxPool(name=name, op="GlobalMaxPool", inputs=[ctx.var(node.input[0])], out_shape=(), kernel=tuple(shape[2:]), strides=(1,) * nd, pads=(0,) * (2 * nd), dilations=(1,) * nd, in_shape=shape)
+    mp.out_shape = tuple(mp.forward(torch.zeros((1, *shape), dtype=torch.float64)).shape[1:])
+    ctx.add(mp, node.output[0])
+
+
+# --- activations ------------------------------------------------------------------------------------
+def _activation(ctx, node, name, kind, **params):
+    shape = ctx.shape(node.input[0])
+    ctx.add(Activation(name=name, op=node.op_type, inputs=[ctx.var(node.input[0])], out_shape=shape, kind=kind, params=params), node.output[0])
+
+
+@converter("Relu")
+def relu(ctx, node, attrs, name):
+    _activation(ctx, node, name, "relu")
+
+
+@converter("LeakyRelu")
+def leaky_relu(ctx, node, attrs, name):
+    _activation(ctx, node, name, "leaky_relu", alpha=float(attrs.get("alpha", 0.01)))
+
+
+@converter("PRelu")
+def prelu(ctx, node, attrs, name):
+    shape = ctx.shape(node.input[0])
+    slope = _broadcast_const(ctx.const(node.input[1], "slope"), shape, "slope")
+    _activation(ctx, node, name, "prelu", slope=torch.from_numpy(np.array(slope, dtype=np.float64)))
+
+
+@converter("Sigmoid")
+def sigmoid(ctx, node, attrs, name):
+    _activation(ctx, node, name, "sigmoid")
+
+
+@converter("Tanh")
+def tanh(ctx, node, attrs, name):
+    _activation(ctx, node, name, "tanh")
+
+
+@converter("Elu")
+def elu(ctx, node, attrs, name):
+    _activation(ctx, node, name, "elu", alpha=float(attrs.get("alpha", 1.0)))
+
+
+@converter("Softplus")
+def softplus(ctx, node, attrs, name):
+    _activation(ctx, node, name, "softplus")
+
+
+@converter("Clip")
+def clip(ctx, node, attrs, name):
+    if ctx.opset < 11:
+        lo, hi = attrs.get("min"), attrs.get("max")
+    else:
+        lo_name, hi_name = ctx.optional(node, 1), ctx.optional(node, 2)
+        lo = None if lo_name is None else float(np.asarray(ctx.const(lo_name, "min")).item())
+        hi = None if hi_name is None else float(np.asarray(ctx.const(hi_name, "max")).item())
+    _activation(ctx, node, name, "clip", min=lo, max=hi)
+
+
+# Ops that are refused with a specific hint (they are not in the registry).
+HINTS: dict[str, str] = {
+    "Softmax": "a softmax output is not bounded: load the model up to its logits (remove the Softmax node)",
+    "LogSoftmax": "load the model up to its logits (remove the LogSoftmax node)",
+    "Gather": "indexing a tensor computed from the input is not supported",
+    "Slice": "slicing a tensor computed from the input is not supported yet",
+    "LSTM": "recurrent layers are not supported",
+    "GRU": "recurrent layers are not supported",
+    "RNN": "recurrent layers are not supported",
+}
