@@ -1,0 +1,202 @@
+"""The LipSDP problem of a chain of affine layers and slope-restricted activations, and the
+float64 re-verification that turns any solver's multipliers into a proven bound.
+
+Network: f(x) = W_l phi(W_{l-1} ... phi(W_0 x + b_0) ...) + b_l, with hidden layer k (k = 1..l)
+of width n_k, and neuron i of every hidden layer slope-restricted in [alpha_i, beta_i].
+Coordinates z = (x_0, x_1, ..., x_l): the input and each hidden layer's output. For multipliers
+lambda >= 0 (one per hidden neuron; LipSDP-Neuron, or one per layer: LipSDP-Layer),
+
+    M(rho, lambda) = C(lambda) - rho E,    E = diag(I_{n_0}, 0, ..., 0),
+
+where C is block-tridiagonal: for hidden layer j with W = W_{j-1}, T = diag(lambda_j),
+    C[j-1, j-1] += -2 W^T (alpha beta T) W,    C[j-1, j] += W^T ((alpha + beta) T),
+    C[j, j]     += -2 T,                       C[l, l]   += W_l^T W_l.
+If M(rho, lambda) <= 0 then ||f(x) - f(y)||_2 <= sqrt(rho) ||x - y||_2 (Fazlyab et al. 2019).
+
+``verify`` takes the multipliers only and computes the smallest such rho itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg
+
+from ..graph import Activation, Affine, Graph
+from .base import SAFETY
+
+EPS = np.finfo(np.float64).eps
+
+
+@dataclass
+class LipSDPProblem:
+    """weights[k]: (n_{k+1} x n_k) dense matrices, k = 0..l; alphas/betas[k]: slopes of hidden layer k+1."""
+
+    weights: list[np.ndarray]
+    alphas: list[np.ndarray]
+    betas: list[np.ndarray]
+    names: list[str] = field(default_factory=list)  # lipcert node names, for messages
+
+    def __post_init__(self) -> None:
+        if len(self.alphas) != len(self.weights) - 1 or len(self.betas) != len(self.alphas):
+            raise ValueError("need one slope interval per hidden layer (len(weights) - 1)")
+        for k, w in enumerate(self.weights[:-1]):
+            if self.weights[k + 1].shape[1] != w.shape[0] or self.alphas[k].shape != (w.shape[0],):
+                raise ValueError(f"layer {k}: shapes do not chain")
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights[:-1]]
+
+    @property
+    def n_hidden(self) -> int:
+        return sum(self.widths[1:])
+
+    @property
+    def dim(self) -> int:
+        return sum(self.widths)
+
+    def with_last(self, last: np.ndarray) -> LipSDPProblem:
+        """The same network with another last layer (e.g. a row difference for certificates)."""
+        return LipSDPProblem([*self.weights[:-1], np.atleast_2d(last)], self.alphas, self.betas, self.names)
+
+    def assemble(self, lambdas: list[np.ndarray], absolute: bool = False) -> np.ndarray:
+        """The dense matrix C(lambda) (or, with ``absolute``, the same sum with |.| of every term,
+        which bounds the rounding errors of the assembly)."""
+        widths = self.widths
+        offsets = np.concatenate([[0], np.cumsum(widths)])
+        C = np.zeros((self.dim, self.dim))
+        ab = (lambda v: np.abs(v)) if absolute else (lambda v: v)
+        for j in range(1, len(widths)):
+            W = self.weights[j - 1]
+            lam = lambdas[j - 1]
+            a, b = self.alphas[j - 1], self.betas[j - 1]
+            p, q = slice(offsets[j - 1], offsets[j]), slice(offsets[j], offsets[j + 1])
+            Wa = ab(W)
+            C[p, p] += Wa.T @ (ab(-2.0 * a * b * lam)[:, None] * Wa)
+            cross = Wa.T * ab((a + b) * lam)[None, :]
+            C[p, q] += cross
+            C[q, p] += cross.T
+            C[q, q] += np.diag(ab(-2.0 * lam))
+        last = slice(offsets[-2], offsets[-1])
+        Wl = ab(self.weights[-1])
+        C[last, last] += Wl.T @ Wl
+        return C
+
+
+@dataclass
+class Verified:
+    ok: bool
+    value: float | None  # proven bound on the l2 Lipschitz constant (sqrt(rho) with margins)
+    rho: float | None
+    reason: str = ""
+
+
+def expand_multipliers(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+    """Accept one array per layer (per-neuron or a scalar per layer) or one flat vector."""
+    widths = problem.widths[1:]
+    if isinstance(lambdas, np.ndarray) and lambdas.ndim == 1 and len(lambdas) == sum(widths):
+        return np.split(np.asarray(lambdas, np.float64), np.cumsum(widths)[:-1])
+    out = []
+    for lam, n in zip(lambdas, widths):
+        lam = np.asarray(lam, np.float64).ravel()
+        out.append(np.full(n, lam[0]) if lam.size == 1 else lam)
+    return out
+
+
+def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Verified:
+    """Recompute, in float64, the smallest rho for which M(rho, lambda) <= 0 is proven.
+
+    1. lambda must be finite and >= 0 (negative entries are clipped to 0: still a valid choice).
+    2. The hidden block C22 must be negative definite: then M <= 0 iff
+       rho >= lambda_max(C11 - C12 C22^-1 C21)  (Schur complement; one eigenvalue problem).
+    3. The candidate rho (with a small relative margin) is then *checked* on the whole matrix by a
+       Cholesky factorisation of -M - delta I, where delta covers the rounding errors of assembling
+       M and of the factorisation itself (|dM| <= gamma_n |terms|; Cholesky backward error
+       <= gamma_{d+1} d max diag). Success proves M <= 0 for the exact arithmetic matrix.
+    """
+    if problem.n_hidden == 0:
+        return Verified(False, None, None, "no hidden layer: use the exact norm")
+    lams = expand_multipliers(problem, lambdas)
+    if any(lam.shape != (n,) for lam, n in zip(lams, problem.widths[1:])) or len(lams) != len(problem.widths) - 1:
+        return Verified(False, None, None, "multipliers do not match the layer widths")
+    if not all(np.isfinite(lam).all() for lam in lams):
+        return Verified(False, None, None, "multipliers are not finite")
+    lams = [np.maximum(lam, 0.0) for lam in lams]
+    C = problem.assemble(lams)
+    n0 = problem.widths[0]
+    C11, C12, C22 = C[:n0, :n0], C[:n0, n0:], C[n0:, n0:]
+    try:
+        chol = scipy.linalg.cho_factor(-C22, lower=True, check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return Verified(False, None, None, "the multipliers leave the hidden block not negative definite")
+    S = C11 + C12 @ scipy.linalg.cho_solve(chol, C12.T, check_finite=False)
+    S = (S + S.T) / 2
+    rho_star = float(scipy.linalg.eigvalsh(S, subset_by_index=[n0 - 1, n0 - 1], check_finite=False)[0])
+    if not math.isfinite(rho_star):
+        return Verified(False, None, None, "the Schur complement is not finite")
+    rho_star = max(rho_star, 0.0)
+    # rounding-error allowance for the assembled matrix and the factorisation
+    d = problem.dim
+    n_max = max(problem.widths) + 2
+    gamma = lambda k: k * EPS / (1 - k * EPS)  # noqa: E731
+    assembly = gamma(n_max) * float(np.linalg.norm(problem.assemble(lams, absolute=True), "fro"))
+    scale = max(rho_star, float(np.abs(np.diag(C)).max()), 1e-300)
+    for rel in (SAFETY, 1e-7, 1e-5, 1e-3):
+        rho = rho_star * (1.0 + rel) + rel * 1e-12 * scale
+        M = C.copy()
+        M[np.arange(n0), np.arange(n0)] -= rho
+        chol_err = gamma(d + 1) * d * float(np.abs(np.diag(M)).max())
+        delta = assembly + chol_err
+        A = -M
+        A[np.diag_indices(d)] -= delta
+        try:
+            scipy.linalg.cholesky(A, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            continue
+        return Verified(True, math.sqrt(rho) * (1.0 + SAFETY), rho, f"verified with relative margin {rel:g}")
+    return Verified(False, None, None, "the whole matrix inequality could not be verified in float64 (ill-conditioned multipliers)")
+
+
+def problem_from_graph(graph: Graph) -> LipSDPProblem | str:
+    """The LipSDP problem of a chain graph (affine, activation, affine, ..., affine), or the reason
+    it is not one. Consecutive affine nodes are merged first; biases do not matter."""
+    g = graph.merge_linear()
+    if not g.is_chain():
+        return "the network is not a chain (residual branches or concatenations)"
+    weights, alphas, betas, names = [], [], [], []
+    expect_affine = True
+    for n in g.nodes:
+        if isinstance(n, Affine) and expect_affine:
+            W = n.lin.dense()
+            if W is None:
+                return f"layer {n.name} ({n.op}) is too large for a dense matrix"
+            weights.append(np.asarray(W, np.float64))
+            names.append(n.name)
+            expect_affine = False
+        elif isinstance(n, Activation) and not expect_affine:
+            a, b = n.slope_interval
+            if n.kind == "prelu":  # per-channel slopes broadcast to the neurons
+                s = n.params["slope"].numpy().ravel()
+                a_vec, b_vec = np.minimum(s, 1.0), np.maximum(s, 1.0)
+            else:
+                a_vec, b_vec = np.full(weights[-1].shape[0], a), np.full(weights[-1].shape[0], b)
+            alphas.append(a_vec)
+            betas.append(b_vec)
+            expect_affine = True
+        elif isinstance(n, Activation):  # two activations in a row: compose via an identity layer
+            weights.append(np.eye(weights[-1].shape[0]) if weights else np.eye(g.input_dim))
+            names.append(f"{n.name}:identity")
+            a, b = n.slope_interval
+            alphas.append(np.full(weights[-1].shape[0], a))
+            betas.append(np.full(weights[-1].shape[0], b))
+        else:
+            return f"node {n.name} ({type(n).__name__}) is not an affine layer or a slope-restricted activation"
+    if expect_affine:  # ends with an activation: append the identity as last layer
+        weights.append(np.eye(weights[-1].shape[0]))
+        names.append("output:identity")
+    if not names or len(weights) < 2:
+        return "the network has no activation layer: its exact norm is the bound"
+    return LipSDPProblem(weights, alphas, betas, names)

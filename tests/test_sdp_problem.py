@@ -1,0 +1,56 @@
+"""The float64 re-verification of LipSDP multipliers: the part every SDP bound rests on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lipcert
+from lipcert.estimators.sdp_problem import LipSDPProblem, problem_from_graph, verify
+from zoo import one_hidden_relu, single_linear
+
+
+def _best_scalar(problem: LipSDPProblem) -> float:
+    values = [verify(problem, [np.array([lam])]) for lam in np.logspace(-2, 3, 80)]
+    return min(v.value for v in values if v.ok)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verified_value_is_above_the_exact_constant(seed):
+    z = one_hidden_relu(seed)
+    problem = problem_from_graph(lipcert.load(z.module, z.input_shape))
+    value = _best_scalar(problem)
+    naive = lipcert.bound(lipcert.load(z.module, z.input_shape)).value
+    assert z.exact["2"] <= value <= naive * (1 + 1e-9)
+
+
+def test_negative_or_zero_multipliers_are_rejected():
+    z = one_hidden_relu()
+    problem = problem_from_graph(lipcert.load(z.module, z.input_shape))
+    assert not verify(problem, [np.zeros(5)]).ok
+    assert not verify(problem, [np.full(5, np.nan)]).ok
+    assert not verify(problem, [np.ones(3)]).ok  # wrong size
+
+
+def test_tampered_multipliers_never_give_a_smaller_bound_than_exact():
+    z = one_hidden_relu(3)
+    problem = problem_from_graph(lipcert.load(z.module, z.input_shape))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lam = rng.exponential(scale=rng.uniform(0.01, 50), size=5)
+        v = verify(problem, [lam])
+        if v.ok:
+            assert v.value >= z.exact["2"]
+
+
+def test_linear_network_is_not_an_sdp_problem():
+    z = single_linear()
+    assert isinstance(problem_from_graph(lipcert.load(z.module, z.input_shape)), str)
+
+
+def test_residual_network_is_refused_with_a_reason(tmp_path):
+    from zoo import residual_scaled
+
+    z = residual_scaled()
+    reason = problem_from_graph(lipcert.load(z.module, z.input_shape))
+    assert isinstance(reason, str) and "chain" in reason
