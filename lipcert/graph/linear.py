@@ -67,20 +67,26 @@ class LinearOp:
         """Tensors whose entries must be finite (checked at load time)."""
         return []
 
-    def dense(self, limit: int = DENSE_LIMIT) -> np.ndarray | None:
-        """The (out_dim x in_dim) matrix, or None when it has more than ``limit`` entries."""
-        if self.in_dim * self.out_dim > limit:
+    def dense(self, limit: int | None = None) -> np.ndarray | None:
+        """The (out_dim x in_dim) matrix, or None when it has more than ``limit`` entries
+        (default ``DENSE_LIMIT``)."""
+        if self.in_dim * self.out_dim > (DENSE_LIMIT if limit is None else limit):
             return None
         return self._dense
 
     @cached_property
     def _dense(self) -> np.ndarray:
-        cols = []
-        eye = torch.eye(self.in_dim, dtype=torch.float64)
-        for start in range(0, self.in_dim, 1024):
-            chunk = eye[start : start + 1024].reshape(-1, *self.in_shape)
-            cols.append(self.apply(chunk).reshape(chunk.shape[0], -1))
-        return torch.cat(cols).T.contiguous().numpy()
+        # probe with unit vectors on the smaller side: columns A e_i, or rows A^T e_j
+        use_rows = self.out_dim < self.in_dim
+        n, shape, fn = (self.out_dim, self.out_shape, self.adjoint) if use_rows else (self.in_dim, self.in_shape, self.apply)
+        parts = []
+        eye = torch.eye(n, dtype=torch.float64)
+        with torch.no_grad():
+            for start in range(0, n, 1024):
+                chunk = eye[start : start + 1024].reshape(-1, *shape)
+                parts.append(fn(chunk).reshape(chunk.shape[0], -1).detach())
+        stacked = torch.cat(parts)
+        return (stacked if use_rows else stacked.T).contiguous().numpy()
 
     def exact_norm(self, p: str) -> float | None:
         """Exact operator norm (None where it would need a too large dense matrix)."""
@@ -227,7 +233,7 @@ class MatMul(LinearOp):
             cache[p] = dense_norm(self.weight.numpy(), p)
         return cache[p]
 
-    def dense(self, limit: int = DENSE_LIMIT) -> np.ndarray | None:
+    def dense(self, limit: int | None = None) -> np.ndarray | None:
         if self.is_plain_matrix and self.axis == -1:
             return self.weight.numpy()
         return super().dense(limit)
@@ -431,7 +437,7 @@ class Composed(LinearOp):
     def parameters(self) -> list[torch.Tensor]:
         return [t for op in self.ops for t in op.parameters()]
 
-    def dense(self, limit: int = DENSE_LIMIT) -> np.ndarray | None:
+    def dense(self, limit: int | None = None) -> np.ndarray | None:
         # A chain of isometries and one matrix needs no probing: reuse the matrix.
         core = [op for op in self.ops if not isinstance(op, (Reshape, Transpose))]
         if len(core) == 1 and isinstance(core[0], MatMul) and core[0].dense(limit) is not None and all(
