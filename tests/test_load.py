@@ -1,0 +1,185 @@
+"""Loading real networks and torch modules; known-answer bounds; refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import lipcert
+from lipcert.errors import InputError, ModelError, UnsupportedModelError
+from conftest import SHARED_MODELS, shared_model_files
+from onnx_helpers import f32, graph_model, one_node_model
+from onnx import helper
+from zoo import all_nets, one_hidden_relu, single_linear
+
+VNN = SHARED_MODELS / "vnncomp2021"
+
+
+@pytest.mark.parametrize("name", shared_model_files())
+def test_shared_network_loads_and_naive_matches_reference(name, reference):
+    """Every VNN-COMP network loads (forward checked against onnxruntime inside load) and the naive
+    bounds are never above the reference per-node product (+1e-6) nor below the reference lower bound."""
+    graph = lipcert.load(VNN / name)
+    ref = reference[f"vnncomp2021/{name}"]
+    for p in ("2", "inf"):
+        value = lipcert.bound(graph, norm=p).value
+        if f"naive_l{p}" in ref:
+            assert value <= ref[f"naive_l{p}"] * (1 + 1e-6)
+        assert value >= ref[f"lower_l{p}"]
+
+
+@pytest.mark.parametrize("net", all_nets(), ids=lambda z: z.name)
+@pytest.mark.parametrize("p", ["2", "inf", "1"])
+def test_naive_is_above_exact_constant_of_zoo(net, p):
+    result = lipcert.bound(lipcert.load(net.module, net.input_shape), norm=p)
+    assert result.certified and result.kind == "upper"
+    assert result.value >= net.exact[p]
+
+
+def test_single_gemm_is_exact_top_singular_value():
+    z = single_linear(seed=3, n_in=9, n_out=6)
+    value = lipcert.bound(z.module, input_shape=z.input_shape).value
+    assert value == pytest.approx(z.exact["2"], rel=1e-8)
+    assert value >= z.exact["2"]
+
+
+def test_residual_block_bound_is_one_plus_branch():
+    from zoo import residual_scaled
+
+    z = residual_scaled(0.25)
+    result = lipcert.bound(z.module, input_shape=z.input_shape)
+    assert result.value == pytest.approx(1.25, rel=1e-8) and result.value >= 1.25
+    assert any("branches" in w for w in result.warnings)
+
+
+def test_one_hidden_relu_brute_force_is_below_naive():
+    for seed in range(3):
+        z = one_hidden_relu(seed)
+        assert lipcert.bound(z.module, input_shape=z.input_shape).value >= z.exact["2"]
+
+
+def test_batchnorm_is_folded_into_a_scale_and_conv_norm_is_dense():
+    rng = np.random.default_rng(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 5 * 5, 4))
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_mean.copy_(torch.tensor(rng.normal(size=3)))
+        bn.running_var.copy_(torch.tensor(rng.uniform(0.2, 2, size=3)))
+        bn.weight.copy_(torch.tensor(rng.normal(size=3)))
+    model.eval()
+    graph = lipcert.load(model, (1, 2, 5, 5))  # cross-checked against the module
+    merged = graph.merge_linear()
+    conv_bn = merged.nodes[0]
+    # the conv and the batch-norm are one affine map whose norm is that of its dense matrix
+    w = model[0].weight.detach().double()
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+    dense = []
+    for i in range(2 * 5 * 5):
+        e = torch.zeros(1, 2, 5, 5, dtype=torch.float64).flatten()
+        e[i] = 1
+        out = torch.nn.functional.conv2d(e.reshape(1, 2, 5, 5), w, padding=1) * scale.reshape(1, 3, 1, 1)
+        dense.append(out.flatten())
+    expected = np.linalg.norm(torch.stack(dense, 1).numpy(), 2)
+    # (the exporter may fuse conv and batch-norm in float32: agreement to float32 precision)
+    assert conv_bn.lin.norm_bound("2")[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_torch_module_with_residual_and_pooling_matches_module():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(2, 2, 3, padding=1)
+            self.pool = torch.nn.MaxPool2d(2)
+            self.avg = torch.nn.AdaptiveAvgPool2d(1)
+            self.fc = torch.nn.Linear(2, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            h = h + torch.tanh(self.conv2(h))
+            h = self.avg(self.pool(h))
+            return self.fc(torch.flatten(h, 1))
+
+    graph = lipcert.load(Net(), (1, 1, 6, 6))
+    assert lipcert.bound(graph).value > 0
+
+
+def test_torch_module_needs_input_shape():
+    with pytest.raises(InputError, match="input_shape"):
+        lipcert.load(torch.nn.Linear(2, 2))
+
+
+# --- refusals -------------------------------------------------------------------------------------------
+
+
+def test_unsupported_ops_are_all_listed():
+    nodes = [
+        helper.make_node("Sin", ["x"], ["a"], name="first_bad"),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Softmax", ["b"], ["y"], name="second_bad"),
+    ]
+    with pytest.raises(UnsupportedModelError) as info:
+        lipcert.load(graph_model(nodes, [1, 3], {}))
+    text = str(info.value)
+    assert "first_bad" in text and "second_bad" in text and "Sin" in text and "logits" in text
+    assert "Supported ops" in text
+
+
+def test_product_of_two_variables_is_refused():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["x", "a"], ["y"], name="square")]
+    with pytest.raises(UnsupportedModelError, match="square"):
+        lipcert.load(graph_model(nodes, [1, 3], {}))
+
+
+def test_nan_weights_are_refused():
+    w = f32(np.random.default_rng(0), 3, 4)
+    w[1, 2] = np.nan
+    with pytest.raises(ModelError, match="NaN"):
+        lipcert.load(one_node_model("Gemm", [1, 4], {"W": w}, ["W"], transB=1))
+
+
+def test_dynamic_shape_needs_an_input_shape():
+    model = one_node_model("Relu", [1, "n"])
+    with pytest.raises(ModelError, match="dynamic"):
+        lipcert.load(model)
+    assert lipcert.load(model, input_shape=(1, 4)).input_shape == (1, 4)
+
+
+def test_symbolic_batch_axis_is_fixed_to_one():
+    graph = lipcert.load(VNN / "cifar10_small.onnx")
+    assert graph.input_shape == (1, 32, 32, 3)
+
+
+def test_two_inputs_are_refused():
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "z"], ["y"])], "two",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3]), helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+    )
+    with pytest.raises(UnsupportedModelError, match="2 inputs"):
+        lipcert.load(helper.make_model(graph))
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    data = (VNN / "mnist-net_256x2.onnx").read_bytes()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="could not read"):
+        lipcert.load(truncated)
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a network")
+    with pytest.raises(ModelError):
+        lipcert.load(text)
+    with pytest.raises(InputError, match="not found"):
+        lipcert.load(tmp_path / "missing.onnx")
+
+
+def test_graph_disagreeing_with_onnxruntime_is_refused(monkeypatch):
+    """If a converter were wrong, the cross-check must refuse the graph rather than bound it."""
+    from lipcert.graph import nodes
+
+    monkeypatch.setattr(nodes.Activation, "forward", lambda self, x: x)  # a broken ReLU
+    with pytest.raises(ModelError, match="disagrees with onnxruntime"):
+        lipcert.load(one_node_model("Relu", [1, 8]))
