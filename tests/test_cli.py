@@ -1,0 +1,118 @@
+"""The command line: exit codes, JSON schema, one clear message per bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from lipcert.cli import main
+from conftest import SHARED_MODELS
+from onnx_helpers import f32, graph_model, one_node_model
+
+VNN = SHARED_MODELS / "vnncomp2021"
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def save(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_bound_json_schema():
+    res = run("bound", VNN / "mnist-net_256x2.onnx", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    (r,) = out["results"]
+    for key in ("method", "norm", "kind", "value", "certified", "time_s", "layers", "settings", "sha256"):
+        assert key in r
+    assert r["method"] == "naive" and r["kind"] == "upper" and r["certified"] is True and r["norm"] == "2"
+
+
+def test_bound_table_with_layers_and_inf_norm():
+    res = run("bound", VNN / "ACASXU_run2a_1_1_batch_2000.onnx", "--norm", "inf", "--layers")
+    assert res.exit_code == 0, res.output
+    assert "proven" in res.stdout and "per-layer norms" in res.stdout and "linf" in res.stdout
+
+
+def test_info_and_ops_and_methods():
+    res = run("info", VNN / "resnet_2b.onnx")
+    assert res.exit_code == 0 and "Sum" in res.stdout and "Conv" in res.stdout
+    res = run("info", VNN / "resnet_2b.onnx", "--json")
+    assert json.loads(res.stdout)["input_shape"] == [1, 3, 32, 32]
+    res = run("ops")
+    assert res.exit_code == 0 and "Conv" in res.stdout.split()
+    res = run("methods")
+    assert res.exit_code == 0 and "naive" in res.stdout
+
+
+def _error(res, *needles: str) -> None:
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    text = res.output
+    assert [line.startswith("Error:") for line in text.splitlines()].count(True) == 1
+    for n in needles:
+        assert n in text, text
+
+
+def test_refuses_unsupported_op(tmp_path):
+    nodes = [helper.make_node("Sin", ["x"], ["a"], name="bad_sin"), helper.make_node("Softmax", ["a"], ["y"], name="bad_softmax")]
+    _error(run("bound", save(graph_model(nodes, [1, 3], {}), tmp_path / "m.onnx")), "bad_sin", "bad_softmax", "What to do")
+
+
+def test_refuses_truncated_file(tmp_path):
+    p = tmp_path / "cut.onnx"
+    data = (VNN / "mnist-net_256x2.onnx").read_bytes()
+    p.write_bytes(data[:1000])
+    _error(run("bound", p), "could not read", "cut.onnx", "What to do")
+
+
+def test_refuses_non_onnx_file(tmp_path):
+    p = tmp_path / "model.onnx"
+    p.write_text("hello")
+    _error(run("bound", p), "could not read", "What to do")
+
+
+def test_refuses_nan_weights(tmp_path):
+    w = f32(np.random.default_rng(0), 2, 3)
+    w[0, 0] = np.inf
+    _error(run("bound", save(one_node_model("Gemm", [1, 3], {"W": w}, ["W"], transB=1), tmp_path / "nan.onnx")), "NaN or infinite", "the_gemm")
+
+
+def test_refuses_dynamic_shape_and_accepts_input_shape(tmp_path):
+    p = save(one_node_model("Relu", [1, "n"]), tmp_path / "dyn.onnx")
+    _error(run("bound", p), "dynamic dimension", "--input-shape")
+    assert run("bound", p, "--input-shape", "1,4").exit_code == 0
+
+
+def test_refuses_two_inputs(tmp_path):
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "z"], ["y"])], "two",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3]), helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+    )
+    _error(run("bound", save(helper.make_model(g), tmp_path / "two.onnx")), "2 inputs")
+
+
+def test_missing_file():
+    _error(run("bound", "no/such/model.onnx"), "not found")
+
+
+@pytest.mark.parametrize("args", [["--norm", "3"], ["--method", "magic"], ["--input-shape", "a,b"], ["--seed", "-1"]])
+def test_bad_flags_exit_nonzero_with_a_message(args):
+    res = run("bound", VNN / "test_nano.onnx", *args)
+    assert res.exit_code == 2 and "Invalid value" in res.output and "Traceback" not in res.output
+
+
+def test_help_teaches():
+    for cmd in ([], ["bound"], ["info"], ["ops"], ["methods"]):
+        res = run(*cmd, "--help")
+        assert res.exit_code == 0 and "Usage" in res.output
+    assert "Examples" in run("bound", "--help").output
