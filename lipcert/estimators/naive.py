@@ -4,36 +4,58 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 from ..config import Settings
-from ..graph import Activation, Affine, Concat, Graph, MaxPool, Sum
+from ..graph import Activation, Affine, Concat, Graph, MaxPool, Node, Sum
 from ..result import LayerNorm, Result
 from .base import SAFETY, register
 
 
-def node_lipschitz_bounds(graph: Graph, norm: str) -> tuple[dict[str, float], list[LayerNorm]]:
-    """Proven Lipschitz constants from the input to every node's output (with margins)."""
+NodeNorm = Callable[[Node, str], tuple[float, bool, str]]
+
+
+def default_node_norm(node: Node, norm: str) -> tuple[float, bool, str]:
+    """Each node's own proven Lipschitz constant (exact operator norm where one is cheap)."""
+    return node.lipschitz(norm)
+
+
+def node_lipschitz_bounds(graph: Graph, norm: str, node_norm: NodeNorm = default_node_norm, margin: float = SAFETY) -> tuple[dict[str, float], list[LayerNorm]]:
+    """Lipschitz constants from the input to every node's output, composed along the graph:
+    products along chains, sums over the branches of a Sum, and the norm-dependent rule for
+    Concat. ``node_norm`` gives each single-input node's constant; with ``margin`` > 0 each is
+    enlarged by that relative margin (for proven bounds)."""
     total = {Graph.INPUT: 1.0}
     layers: list[LayerNorm] = []
     for n in graph.nodes:
         ins = [total[i] for i in n.inputs]
         if isinstance(n, (Affine, Activation, MaxPool)):
-            value, exact, how = n.lipschitz(norm)
-            value *= 1.0 + SAFETY
+            value, exact, how = node_norm(n, norm)
+            value *= 1.0 + margin
             total[n.name] = value * ins[0]
             layers.append(LayerNorm(n.name, n.op, value, exact, how, total[n.name]))
         elif isinstance(n, Sum):
             total[n.name] = sum(abs(c) * v for c, v in zip(n.coeffs, ins))
         elif isinstance(n, Concat):
             if norm == "2":
-                total[n.name] = math.sqrt(sum(v * v for v in ins)) * (1.0 + SAFETY)
+                total[n.name] = math.sqrt(sum(v * v for v in ins)) * (1.0 + margin)
             elif norm == "inf":
                 total[n.name] = max(ins)
             else:
                 total[n.name] = sum(ins)
         else:  # pragma: no cover - every node type is handled above
-            raise TypeError(f"naive bound has no rule for {type(n).__name__}")
+            raise TypeError(f"no composition rule for {type(n).__name__}")
     return total, layers
+
+
+def branch_warnings(graph: Graph, layers: list[LayerNorm]) -> list[str]:
+    warnings = []
+    if not graph.is_chain():
+        warnings.append("the network has parallel branches: their bounds are added (residual: 1 + L(g))")
+    inexact = [layer.name for layer in layers if not layer.exact]
+    if inexact:
+        warnings.append(f"{len(inexact)} layer norm(s) are proven upper bounds, not exact values: {', '.join(inexact)}")
+    return warnings
 
 
 @register
@@ -49,14 +71,8 @@ class Naive:
         start = time.perf_counter()
         merged = graph.merge_linear()
         total, layers = node_lipschitz_bounds(merged, settings.norm)
-        warnings = []
-        if not merged.is_chain():
-            warnings.append("the network has parallel branches: their bounds are added (residual: 1 + L(g))")
-        inexact = [layer.name for layer in layers if not layer.exact]
-        if inexact:
-            warnings.append(f"{len(inexact)} layer norm(s) are proven upper bounds, not exact values: {', '.join(inexact)}")
         return Result(
             method=self.name, kind="upper", norm=settings.norm, value=total[merged.output], certified=True,
             time_s=time.perf_counter() - start, settings={"norm": settings.norm, "safety_margin": SAFETY},
-            layers=layers, warnings=warnings, model=graph.source, sha256=graph.sha256,
+            layers=layers, warnings=branch_warnings(merged, layers), model=graph.source, sha256=graph.sha256,
         )
