@@ -69,11 +69,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def format_results(results: list[Result], layers: bool = False) -> str:
+def format_results(results: list[Result], layers: bool = False, best: str | None = None) -> str:
     rows = []
     for r in results:
         value = "failed" if r.value is None else f"{r.value:.6g}"
         proof = "proven" if r.certified else ("witnessed" if r.kind == "lower" and r.value is not None else "no")
+        if r.method == best:
+            proof += " (best)"
         rows.append([r.method, r.kind, f"l{r.norm}", value, proof, f"{r.time_s:.2f}s", r.status])
     out = _table(rows, ["method", "kind", "norm", "value", "certified", "time", "status"])
     for r in results:
@@ -145,10 +147,20 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     for name in names:
         progress.note(f"running {name} ...")
         results.append(estimate(graph, name, settings))
+    best = best_upper(results)
     if as_json:
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "results": [r.to_dict() for r in results]}))
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "best_upper": best, "results": [r.to_dict() for r in results]}))
     else:
-        click.echo(format_results(results, layers=layers))
+        click.echo(format_results(results, layers=layers, best=best if len(results) > 1 else None))
+    if method != "all" and results[0].value is None:
+        click.echo(f"Error: {method} gave no bound: {results[0].status}. What to do: try another --solver or --method naive.", err=True)
+        sys.exit(1)
+
+
+def best_upper(results: list[Result]) -> str | None:
+    """The method with the smallest proven upper bound, if any."""
+    proven = [r for r in results if r.kind == "upper" and r.certified and r.value is not None]
+    return min(proven, key=lambda r: r.value).method if proven else None
 
 
 @main.command()

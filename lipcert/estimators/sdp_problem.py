@@ -19,6 +19,7 @@ If M(rho, lambda) <= 0 then ||f(x) - f(y)||_2 <= sqrt(rho) ||x - y||_2 (Fazlyab 
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +85,25 @@ class LipSDPProblem:
         Wl = ab(self.weights[-1])
         C[last, last] += Wl.T @ Wl
         return C
+
+
+def layer_scales(problem: LipSDPProblem) -> list[float]:
+    """Each layer's spectral norm: dividing by them balances magnitudes that span many decades."""
+    return [max(float(np.linalg.norm(w, 2)), 1e-300) for w in problem.weights]
+
+
+def scaled(problem: LipSDPProblem, c: list[float]) -> LipSDPProblem:
+    return dataclasses.replace(problem, weights=[w / ck for w, ck in zip(problem.weights, c)])
+
+
+def unscale_multipliers(lams: list[np.ndarray], c: list[float]) -> list[np.ndarray]:
+    """Multipliers of the layer-normalised problem -> multipliers of the original one.
+
+    With S_k = c_0 ... c_{k-1} and x_k = S_k x'_k, the original quadratic form is S_{l+1}^2 times
+    the scaled one with rho' = rho / S_{l+1}^2 and lambda'_k = S_k^2 lambda_k / S_{l+1}^2."""
+    logs = np.cumsum(np.log(c))  # logs[k] = log(c_0 ... c_k)
+    total = logs[-1]
+    return [lam * math.exp(2 * (total - logs[k - 1])) for k, lam in enumerate(lams, start=1)]
 
 
 @dataclass
