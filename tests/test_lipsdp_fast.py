@@ -1,0 +1,215 @@
+"""The structure-aware LipSDP solver: agreement with a reference cvxpy formulation, soundness of
+what it returns (re-verified in float64), the rescaling it relies on, and the real networks."""
+
+from __future__ import annotations
+
+import math
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import lipcert
+from lipcert.estimators import lipsdp_fast
+from lipcert.estimators.sdp_problem import EPS, LipSDPProblem, expand_multipliers, problem_from_graph, verify
+from conftest import SHARED_MODELS
+
+SLOPES = {"relu": (0.0, 1.0), "leaky": (0.1, 1.0), "tanh": (0.0, 1.0), "sigmoid": (0.0, 0.25)}
+
+
+def random_problem(widths: list[int], act: str, seed: int, per_neuron: bool = False) -> LipSDPProblem:
+    rng = np.random.default_rng(seed)
+    weights = [rng.normal(size=(widths[k + 1], widths[k])) / math.sqrt(widths[k]) * rng.uniform(0.5, 3.0) for k in range(len(widths) - 1)]
+    a, b = SLOPES[act]
+    if per_neuron:  # every neuron its own interval [a_i, b_i]
+        alphas = [rng.uniform(-0.2, 0.3, size=n) for n in widths[1:-1]]
+        betas = [al + rng.uniform(0.2, 1.5, size=al.size) for al in alphas]
+    else:
+        alphas = [np.full(n, a) for n in widths[1:-1]]
+        betas = [np.full(n, b) for n in widths[1:-1]]
+    return LipSDPProblem(weights, alphas, betas)
+
+
+def reference_multipliers(problem: LipSDPProblem, variant: str) -> list[np.ndarray]:
+    """LipSDP written directly in cvxpy (dense, no scaling) and solved by Clarabel."""
+    widths, d, n0 = problem.widths, problem.dim, problem.widths[0]
+    off = np.concatenate([[0], np.cumsum(widths)])
+    lams = [cp.Variable(n if variant == "neuron" else 1, nonneg=True) for n in widths[1:]]
+    rho = cp.Variable()
+    M = -rho * np.diag((np.arange(d) < n0).astype(float))
+    for j in range(1, len(widths)):
+        a, b, W = problem.alphas[j - 1], problem.betas[j - 1], problem.weights[j - 1]
+        lam = lams[j - 1] if variant == "neuron" else lams[j - 1] * np.ones(widths[j])
+        U = np.zeros((widths[j], d))
+        U[:, off[j - 1] : off[j]] = W
+        E = np.zeros((widths[j], d))
+        E[:, off[j] : off[j + 1]] = np.eye(widths[j])
+        M = M + U.T @ cp.diag(cp.multiply(-2 * a * b, lam)) @ U + U.T @ cp.diag(cp.multiply(a + b, lam)) @ E + E.T @ cp.diag(cp.multiply(a + b, lam)) @ U - 2 * E.T @ cp.diag(lam) @ E
+    last = np.zeros((problem.weights[-1].shape[0], d))
+    last[:, off[-2] :] = problem.weights[-1]
+    M = M + last.T @ last
+    cp.Problem(cp.Minimize(rho), [(M + M.T) / 2 << 0]).solve(solver="CLARABEL")
+    return [np.broadcast_to(np.asarray(lam.value, float), (n,)).copy() for lam, n in zip(lams, widths[1:])]
+
+
+CASES = [([4, 8, 6, 3], "relu", 0), ([5, 10, 10, 10, 2], "leaky", 1), ([6, 12, 12, 4], "tanh", 2), ([3, 7, 5], "sigmoid", 3), ([8, 16, 16, 1], "relu", 4)]
+
+
+@pytest.mark.parametrize("variant", ["neuron", "layer"])
+@pytest.mark.parametrize("widths,act,seed", CASES)
+def test_agrees_with_a_cvxpy_reference(widths, act, seed, variant):
+    problem = random_problem(widths, act, seed)
+    lams, info = lipsdp_fast.solve(problem, variant)
+    assert info["status"] == "optimal", info
+    ours = verify(problem, lams)
+    ref = verify(problem, reference_multipliers(problem, variant))
+    assert ours.ok and ref.ok
+    assert abs(ours.value - ref.value) <= 1e-4 * ref.value
+    # the solver's dual bound: no multipliers of this variant can do better
+    assert info["lower_value"] <= ref.value * (1 + 1e-7)
+    assert info["lower_value"] <= ours.value <= info["solver_value"] * (1 + 1e-6)
+    assert info["gap"] <= 1e-6
+    if variant == "layer":
+        assert all(np.ptp(lam) == 0 for lam in lams)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_neuron_slope_intervals(seed):
+    problem = random_problem([4, 9, 7, 2], "relu", seed, per_neuron=True)
+    lams, info = lipsdp_fast.solve(problem)
+    ours = verify(problem, lams)
+    ref = verify(problem, reference_multipliers(problem, "neuron"))
+    assert info["status"] == "optimal" and ours.ok
+    assert abs(ours.value - ref.value) <= 1e-4 * ref.value
+
+
+@pytest.mark.parametrize("act", list(SLOPES))
+def test_neuron_is_never_worse_than_layer(act):
+    problem = random_problem([6, 14, 14, 14, 3], act, 7)
+    neuron = verify(problem, lipsdp_fast.solve(problem, "neuron")[0])
+    layer = verify(problem, lipsdp_fast.solve(problem, "layer")[0])
+    assert neuron.ok and layer.ok
+    assert neuron.value <= layer.value * (1 + 1e-6)
+
+
+def test_multipliers_keep_the_hidden_block_negative_definite():
+    problem = random_problem([5, 12, 12, 12, 2], "relu", 11)
+    lams, _ = lipsdp_fast.solve(problem)
+    assert all(np.all(lam > 0) for lam in lams)
+    C = problem.assemble(lams)
+    n0 = problem.widths[0]
+    assert np.linalg.eigvalsh(C[n0:, n0:])[-1] < 0
+
+
+def test_rescaling_is_a_congruence():
+    """Working problem: W'_k = W_k s_k / s_{k+1}, W'_l = W_l s_l / kappa; then
+    D S(rho, lambda) D = kappa^2 S'(rho', lambda') with rho = kappa^2 rho' and
+    lambda_j = kappa^2 lambda'_j / s_j^2, D = diag(1, s_1, ..., s_l)."""
+    rng = np.random.default_rng(5)
+    problem = random_problem([4, 6, 5, 3], "leaky", 5)  # n0 <= n1: no input compression
+    problem.weights[1] *= 1e4  # magnitudes that need rescaling
+    problem.weights[2] *= 1e-3
+    work = lipsdp_fast._working_problem(problem, scale=True)
+    lam_w = rng.uniform(0.1, 2.0, size=work.m)
+    rho_w = 3.0
+    lam = np.concatenate(work.to_original(lam_w))
+    rho = work.kappa2 * rho_w
+    S_w = work.S(rho_w, lam_w).numpy()
+    C = problem.assemble(expand_multipliers(problem, lam))
+    S = -C
+    S[: problem.widths[0], : problem.widths[0]] += rho * np.eye(problem.widths[0])
+    D = np.concatenate([np.ones(problem.widths[0])] + work.scales)
+    np.testing.assert_allclose(D[:, None] * S * D[None, :], work.kappa2 * S_w, rtol=1e-10, atol=1e-10 * np.abs(work.kappa2 * S_w).max())
+    assert np.allclose(np.concatenate(expand_multipliers(problem, work.to_original(work.from_original(work.to_original(lam_w))))), lam)
+
+
+def test_scaling_does_not_change_the_answer():
+    problem = random_problem([5, 10, 10, 3], "tanh", 8)
+    a = verify(problem, lipsdp_fast.solve(problem, scale=True)[0])
+    b = verify(problem, lipsdp_fast.solve(problem, scale=False)[0])
+    assert abs(a.value - b.value) <= 1e-5 * a.value
+
+
+def test_input_compression_for_wide_inputs():
+    problem = random_problem([40, 6, 6, 2], "relu", 9)  # n0 > n1: the input block is compressed
+    lams, info = lipsdp_fast.solve(problem)
+    ours = verify(problem, lams)
+    ref = verify(problem, reference_multipliers(problem, "neuron"))
+    assert ours.ok and abs(ours.value - ref.value) <= 1e-4 * ref.value
+
+
+def test_warm_start_from_the_layer_solution():
+    problem = random_problem([5, 12, 12, 2], "relu", 3)
+    layer, _ = lipsdp_fast.solve(problem, "layer")
+    cold = verify(problem, lipsdp_fast.solve(problem)[0])
+    lams, info = lipsdp_fast.solve(problem, init=layer)
+    assert info["status"] == "optimal"
+    assert abs(verify(problem, lams).value - cold.value) <= 1e-5 * cold.value
+
+
+def test_options_are_checked():
+    problem = random_problem([3, 4, 2], "relu", 0)
+    with pytest.raises(ValueError, match="variant"):
+        lipsdp_fast.solve(problem, "neurons")
+    with pytest.raises(TypeError, match="unknown option"):
+        lipsdp_fast.solve(problem, tolerance=1e-3)
+    lams, info = lipsdp_fast.solve(problem, max_iter=1)
+    assert info["status"] == "max_iter" and info["iterations"] == 1 and lams is not None
+    assert verify(problem, lams).ok  # every iterate is strictly feasible
+
+
+def _scaled_check(problem: LipSDPProblem, lams: list[np.ndarray]) -> float | None:
+    """The float64 proof of verify(), done on D M D with D = diag(2^k) (exact in floating point)
+    so that the rounding allowance is relative to each block's own magnitude."""
+    lams = [np.maximum(lam, 0.0) for lam in expand_multipliers(problem, lams)]
+    C = problem.assemble(lams)
+    n0, d = problem.widths[0], problem.dim
+    chol = scipy.linalg.cho_factor(-C[n0:, n0:], lower=True)
+    schur = C[:n0, :n0] + C[:n0, n0:] @ scipy.linalg.cho_solve(chol, C[n0:, :n0])
+    rho_star = max(float(np.linalg.eigvalsh((schur + schur.T) / 2)[-1]), 0.0)
+    gamma = lambda k: k * EPS / (1 - k * EPS)  # noqa: E731
+    absC = problem.assemble(lams, absolute=True)
+    for rel in (1e-9, 1e-7, 1e-5):
+        rho = rho_star * (1 + rel)
+        M = C.copy()
+        M[np.arange(n0), np.arange(n0)] -= rho
+        dg = np.abs(np.diag(M))
+        dg[dg == 0] = 1.0
+        D = np.exp2(-np.round(np.log2(np.sqrt(dg))))
+        MD = M * D[:, None] * D[None, :]
+        absD = absC * D[:, None] * D[None, :]
+        absD[np.arange(n0), np.arange(n0)] += rho * D[:n0] ** 2
+        delta = gamma(max(problem.widths) + 2) * np.linalg.norm(absD, "fro") + gamma(d + 1) * d * np.abs(np.diag(MD)).max()
+        try:
+            np.linalg.cholesky(-MD - delta * np.eye(d))
+        except np.linalg.LinAlgError:
+            continue
+        return math.sqrt(rho) * (1 + 1e-9)
+    return None
+
+
+ACAS = ["ACASXU_run2a_1_1_batch_2000.onnx", "ACASXU_run2a_2_3_batch_2000.onnx", "ACASXU_run2a_5_9_batch_2000.onnx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ACAS)
+def test_acas_xu_between_the_reference_bounds(name, reference):
+    path = SHARED_MODELS / "vnncomp2021" / name
+    problem = problem_from_graph(lipcert.load(str(path)))
+    lams, info = lipsdp_fast.solve(problem)
+    assert info["status"] == "optimal", info
+    ref = reference[f"vnncomp2021/{name}"]
+    naive = lipcert.bound(str(path)).value
+    value = _scaled_check(problem, lams)
+    assert value is not None
+    assert ref["lower_l2"] <= info["lower_value"] <= value <= naive
+    assert value <= info["solver_value"] * (1 + 1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="verify()'s rounding allowance is not relative to each block: the ACAS Xu multipliers span ten decades (fix: the check of _scaled_check above)")
+def test_acas_xu_verified_by_verify():
+    problem = problem_from_graph(lipcert.load(str(SHARED_MODELS / "vnncomp2021" / ACAS[0])))
+    lams, _ = lipsdp_fast.solve(problem)
+    assert verify(problem, lams).ok
