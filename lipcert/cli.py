@@ -8,6 +8,7 @@ import sys
 from typing import Any, Callable
 
 import click
+import numpy as np
 
 from . import progress
 from .config import NORMS, Settings
@@ -207,3 +208,39 @@ def methods(as_json: bool) -> None:
     for name, text in list_methods().items():
         click.echo(f"{name:<10} {text}")
     click.echo(f"\ncvxpy solvers installed: {', '.join(solvers) or 'none'}")
+
+
+@main.command()
+@model_options
+@click.option("--norm", "-p", type=click.Choice(["2", "inf"]), default="2", show_default=True, help="Vector norm on input and output.")
+@click.option("--starts", type=click.IntRange(min=1), default=64, show_default=True, help="Points improved at once (16x as many are screened first).")
+@click.option("--steps", type=click.IntRange(min=0), default=50, show_default=True, help="Improvement steps per point.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Where the search runs; cuda falls back to the CPU with a warning.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="An .npz file whose array x holds inputs to start from.")
+@output_options
+@friendly_errors
+def lower(model: str, input_shape, norm: str, starts: int, steps: int, seed: int, device: str, data: str | None, as_json: bool, quiet: bool) -> None:
+    """A witnessed lower bound on the Lipschitz constant of MODEL.
+
+    Searches for inputs x, y where the network stretches most; the value printed is
+    ||f(x) - f(y)|| / ||x - y|| for the pair found (the witness, in the JSON output),
+    recomputed by evaluating the network in float64.
+
+    \b
+    Examples:
+      lipcert lower models/mlp_spiral.onnx
+      lipcert lower models/cnn_bars.onnx --data models/bars_test.npz --json
+    """
+    from .estimators.lower import lower_bound
+
+    progress.set_quiet(quiet or as_json)
+    graph = _load(model, input_shape)
+    result = lower_bound(graph, norm=norm, starts=starts, steps=steps, seed=seed, device=device, data=data)
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "results": [result.to_dict()]}))
+    else:
+        click.echo(format_results([result]))
+        click.echo(f"witness: x = {np.round(np.asarray(result.witness['x']).ravel()[:6], 6).tolist()}{' ...' if graph.input_dim > 6 else ''}, y = x + {result.witness['t']:.3g} v")
