@@ -142,6 +142,25 @@ class _Work:
         S[: self.n0, : self.n0] += torch.eye(self.n0, dtype=F64) * rho
         return S
 
+    def S_bt(self, rho: float, lam: np.ndarray, const: bool = True) -> "_BT":
+        """S(rho, lambda) (or its linear part) as a block-tridiagonal matrix."""
+        D = [torch.zeros((n, n), dtype=F64) for n in self.widths]
+        B = []
+        tl = _t(lam)
+        for j in range(1, self.layers + 1):
+            W = self.tw[j - 1]
+            h = self.hidden(j)
+            lj = tl[h]
+            pw = self.tpab[h] * lj
+            if bool(torch.any(pw != 0)):
+                D[j - 1] += W.T @ ((2.0 * pw)[:, None] * W)
+            B.append(-(self.tsab[h] * lj)[:, None] * W)
+            D[j] += torch.diag(2.0 * lj)
+        if const:
+            D[-1] -= self.tw[-1].T @ self.tw[-1]
+        D[0] += torch.eye(self.n0, dtype=F64) * rho
+        return _BT(self, D, B)
+
     def apply_C(self, Z: torch.Tensor) -> tuple[float, np.ndarray, float]:
         """For a symmetric Z: <E, Z>, (<C_i, Z>)_i and <C0, Z>; reads the block-tridiagonal part."""
         out = np.empty(self.m)
@@ -185,6 +204,93 @@ class _Work:
 
     def from_original(self, lams: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([lams[j - 1] * self.scales[j - 1] ** 2 for j in range(1, self.layers + 1)]) / self.kappa2
+
+
+class _BT:
+    """A symmetric block-tridiagonal matrix over the layer blocks: diagonal blocks D[k] and
+    sub-diagonal blocks B[k] = S[k+1, k]. Its Cholesky factor has the same block pattern, so
+    factorising, solving and multiplying cost O(sum n_k^3) and O(d n) per vector, not O(d^3)."""
+
+    def __init__(self, work: "_Work", D: list[torch.Tensor], B: list[torch.Tensor]):
+        self.work, self.D, self.B = work, D, B
+        self.Ld: list[torch.Tensor] = []
+        self.Lo: list[torch.Tensor] = []
+
+    def factor(self) -> bool:
+        Ld, Lo = [], []
+        A = self.D[0]
+        for k in range(len(self.D)):
+            if k > 0:
+                sub = torch.linalg.solve_triangular(Ld[k - 1], self.B[k - 1].T, upper=False).T  # B L^-T
+                Lo.append(sub)
+                A = self.D[k] - sub @ sub.T
+            Lk, info = torch.linalg.cholesky_ex(A)
+            if int(info) != 0:
+                return False
+            Ld.append(Lk)
+        self.Ld, self.Lo = Ld, Lo
+        return True
+
+    def logdet(self) -> float:
+        return 2.0 * sum(float(torch.log(torch.diagonal(L)).sum()) for L in self.Ld)
+
+    def lsolve(self, R: torch.Tensor) -> torch.Tensor:
+        """L^-1 R."""
+        w = self.work
+        Z = torch.empty_like(R)
+        for k in range(len(self.Ld)):
+            r = R[w.block(k)]
+            if k > 0:
+                r = r - self.Lo[k - 1] @ Z[w.block(k - 1)]
+            Z[w.block(k)] = torch.linalg.solve_triangular(self.Ld[k], r, upper=False)
+        return Z
+
+    def usolve(self, Z: torch.Tensor) -> torch.Tensor:
+        """L^-T Z."""
+        w = self.work
+        X = torch.empty_like(Z)
+        for k in range(len(self.Ld) - 1, -1, -1):
+            z = Z[w.block(k)]
+            if k < len(self.Ld) - 1:
+                z = z - self.Lo[k].T @ X[w.block(k + 1)]
+            X[w.block(k)] = torch.linalg.solve_triangular(self.Ld[k].T, z, upper=True)
+        return X
+
+    def solve(self, R: torch.Tensor) -> torch.Tensor:
+        return self.usolve(self.lsolve(R))
+
+    def inverse(self) -> torch.Tensor:
+        return _sym(self.solve(torch.eye(self.work.dim, dtype=F64)))
+
+    def rmul(self, X: torch.Tensor) -> torch.Tensor:
+        """X @ S for a dense X."""
+        w = self.work
+        out = torch.empty_like(X)
+        K = len(self.D)
+        for q in range(K):
+            acc = X[:, w.block(q)] @ self.D[q]
+            if q > 0:
+                acc += X[:, w.block(q - 1)] @ self.B[q - 1].T
+            if q < K - 1:
+                acc += X[:, w.block(q + 1)] @ self.B[q]
+            out[:, w.block(q)] = acc
+        return out
+
+    def inner(self, X: torch.Tensor) -> float:
+        """<S, X> for a symmetric dense X."""
+        w = self.work
+        total = sum(float(torch.sum(self.D[k] * X[w.block(k), w.block(k)])) for k in range(len(self.D)))
+        return total + 2.0 * sum(float(torch.sum(self.B[k] * X[w.block(k + 1), w.block(k)])) for k in range(len(self.B)))
+
+    def dense(self) -> torch.Tensor:
+        w = self.work
+        S = torch.zeros((w.dim, w.dim), dtype=F64)
+        for k in range(len(self.D)):
+            S[w.block(k), w.block(k)] = self.D[k]
+        for k in range(len(self.B)):
+            S[w.block(k + 1), w.block(k)] = self.B[k]
+            S[w.block(k), w.block(k + 1)] = self.B[k].T
+        return S
 
 
 def _norm2(W: np.ndarray) -> float:
@@ -262,61 +368,58 @@ def _chol(A: torch.Tensor) -> torch.Tensor | None:
     return L if int(info) == 0 else None
 
 
-def _max_step(L: torch.Tensor, D: torch.Tensor, steps: int = 40) -> float:
-    """An estimate of the largest alpha with L L^T + alpha D >= 0 (inf if D >= 0): the smallest
-    eigenvalue of L^-1 D L^-T by Lanczos with full reorthogonalisation (exact for small d). The
-    Ritz value lies above the eigenvalue, so callers confirm the step with a Cholesky factorisation."""
-    d = L.shape[0]
-    if d <= 2 * steps:
-        B = torch.linalg.solve_triangular(L, D, upper=False)
-        B = torch.linalg.solve_triangular(L, B.T, upper=False)
-        lo = float(torch.linalg.eigvalsh(_sym(B))[0])
-        return -1.0 / lo if lo < 0 else math.inf
+def _lanczos_min(op, d: int, steps: int = 40) -> float:
+    """The smallest Ritz value of the symmetric operator ``op`` (d x 1 -> d x 1) after ``steps``
+    Lanczos steps with full reorthogonalisation. It lies above the smallest eigenvalue."""
     gen = torch.Generator().manual_seed(0)
+    steps = min(steps, d)
     V = torch.zeros((d, steps + 1), dtype=F64)
     v = torch.randn((d, 1), generator=gen, dtype=F64)
     V[:, :1] = v / torch.linalg.norm(v)
     alphas, betas = [], []
     for k in range(steps):
-        w = torch.linalg.solve_triangular(L.T, V[:, k : k + 1], upper=True)  # L^-T v
-        w = torch.linalg.solve_triangular(L, D @ w, upper=False)
+        w = op(V[:, k : k + 1])
         a = float(V[:, k] @ w[:, 0])
-        w = w - V[:, : k + 1] @ (V[:, : k + 1].T @ w)  # full reorthogonalisation (twice)
+        w = w - V[:, : k + 1] @ (V[:, : k + 1].T @ w)  # full reorthogonalisation, twice
         w = w - V[:, : k + 1] @ (V[:, : k + 1].T @ w)
         alphas.append(a)
         bk = float(torch.linalg.norm(w))
-        if bk < 1e-12 * max(abs(a), 1e-300):
+        if bk <= 1e-13 * max(max(abs(t) for t in alphas), 1e-300):
             break
         betas.append(bk)
         V[:, k + 1 : k + 2] = w / bk
     n = len(alphas)
-    Tm = np.diag(alphas) + np.diag(betas[: n - 1], 1) + np.diag(betas[: n - 1], -1)
-    lo = float(np.linalg.eigvalsh(Tm)[0])
+    T = np.diag(alphas) + np.diag(betas[: n - 1], 1) + np.diag(betas[: n - 1], -1)
+    return float(np.linalg.eigvalsh(T)[0])
+
+
+def _step_from(lo: float) -> float:
     return -1.0 / lo if lo < 0 else math.inf
 
 
-def _tri_blocks(work: "_Work", A: torch.Tensor, B: torch.Tensor | None = None) -> torch.Tensor:
-    """The block-tridiagonal part of A @ B (or of A): what <C_i, .>, <E, .> and <C0, .> read."""
-    out = torch.zeros_like(A)
-    L = work.layers
-    for k in range(L + 1):
-        rk = work.block(k)
-        for l in (k - 1, k, k + 1):
-            if 0 <= l <= L:
-                cl = work.block(l)
-                out[rk, cl] = A[rk, cl] if B is None else A[rk] @ B[:, cl]
-    return out
+def _max_step(L: torch.Tensor, D: torch.Tensor) -> float:
+    """The largest alpha with L L^T + alpha D >= 0 (inf if D >= 0): exact for small d, else a
+    Lanczos estimate on L^-1 D L^-T (an over-estimate: callers confirm it by a factorisation)."""
+    d = L.shape[0]
+    if d <= 100:
+        B = torch.linalg.solve_triangular(L, D, upper=False)
+        B = torch.linalg.solve_triangular(L, B.T, upper=False)
+        return _step_from(float(torch.linalg.eigvalsh(_sym(B))[0]))
+
+    def op(v):
+        w = torch.linalg.solve_triangular(L.T, v, upper=True)
+        return torch.linalg.solve_triangular(L, D @ w, upper=False)
+
+    return _step_from(_lanczos_min(op, d))
 
 
-def _tri_mul(work: "_Work", X: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """X @ T for a block-tridiagonal T (dense storage)."""
-    out = torch.empty_like(X)
-    L = work.layers
-    for q in range(L + 1):
-        cq = work.block(q)
-        lo, hi = work.block(max(q - 1, 0)).start, work.block(min(q + 1, L)).stop
-        out[:, cq] = X[:, lo:hi] @ T[lo:hi, cq]
-    return out
+def _max_step_bt(S: "_BT", dS: "_BT") -> float:
+    """The same for a factorised block-tridiagonal S and a block-tridiagonal direction dS."""
+    d = S.work.dim
+    if d <= 100:
+        B = S.lsolve(dS.dense())
+        return _step_from(float(torch.linalg.eigvalsh(_sym(S.lsolve(B.T)))[0]))
+    return _step_from(_lanczos_min(lambda v: S.lsolve(dS.rmul(S.usolve(v).T).T), d))
 
 
 def _max_step_vec(v: np.ndarray, dv: np.ndarray) -> float:
@@ -417,16 +520,15 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     if rho is None:
         return done("failed: no strictly feasible start")
     rho = 2.0 * rho + 1e-12
-    S = work.S(rho, lam)
-    LS = _chol(S)
-    if LS is None:
+    S = work.S_bt(rho, lam)
+    if not S.factor():
         return done("failed: start not strictly feasible")
 
     n0, d, p = work.n0, work.dim, theta.size
     nu = d + p
-    Sinv = torch.cholesky_inverse(LS)
+    Sinv = S.inverse()
     xi = 1.0 / float(torch.trace(Sinv[:n0, :n0]))
-    X = _sym(xi * Sinv)  # a centred start: X S = xi I, x s = xi
+    X = xi * Sinv  # a centred start: X S = xi I, x s = xi
     LX = _chol(X)
     x = xi / theta
     b = np.zeros(p + 1)
@@ -435,14 +537,14 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     status = "max_iter"
     it = 0
     gap = math.inf
+    grp = (lambda v: v) if P is None else (lambda v: P.T @ v)
     while True:
         # ---- certificate from the current X ----
         trE, cx, c0 = work.apply_C(X)
-        cx_g = cx if P is None else P.T @ cx
-        if trE > 0 and np.all(cx_g >= 0):
+        if trE > 0 and np.all(grp(cx) >= 0):
             low_best = max(low_best, c0 / trE)
         gap = (rho - low_best) / rho if low_best > -math.inf else math.inf
-        mu = (float(torch.sum(X * S)) + float(x @ theta)) / nu
+        mu = (S.inner(X) + float(x @ theta)) / nu
         log.debug("it %d rho %.12g low %.12g gap %.3g mu %.3g", it, rho, low_best, gap, mu)
         if gap <= tol:
             status = "optimal"
@@ -454,11 +556,13 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
             break
         it += 1
         # ---- Schur complement M_kl = <A_k, X A_l S^-1> + LP part ----
-        Sinv = torch.cholesky_inverse(LS)
+        if it > 1:
+            Sinv = S.inverse()
         QS, QX = work.quad(Sinv), work.quad(X)
         M_ll = 0.25 * (QX[0] * QS[0] + QX[2] * QS[2] - QX[1] * QS[1] - (QX[1] * QS[1]).T)
         M_rl = 0.5 * (torch.einsum("ij,ij->j", QS[3], QX[3]) - torch.einsum("ij,ij->j", QS[4], QX[4]))
         M_rr = float(torch.sum(X[:n0, :n0] * Sinv[:n0, :n0]))
+        del QS, QX
         M_ll, M_rl = M_ll.numpy(), M_rl.numpy()
         if P is not None:
             M_ll, M_rl = P.T @ M_ll @ P, P.T @ M_rl
@@ -473,42 +577,36 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         def direction(rhs: np.ndarray):
             dy = _fsolve(fac, rhs)
             dlam = dy[1:] if P is None else P @ dy[1:]
-            dS = work.S(dy[0], dlam, const=False)
-            return dy, dS
+            return dy, work.S_bt(dy[0], dlam, const=False)
 
-        def steps(dX, dx, dS, dth):
-            ap = min(_max_step(LX, dX), _max_step_vec(x, dx))
-            ad = min(_max_step(LS, dS), _max_step_vec(theta, dth))
-            return ap, ad
-
-        # predictor
+        # predictor: dX = -X - sym(X dS S^-1); S^-1 (dS X) is the transpose of X dS S^-1
         dy, dS = direction(b)
-        dX = -X - _sym(_tri_mul(work, X, dS) @ Sinv)
+        dX = -X - _sym(S.solve(dS.rmul(X).T))
         dth = dy[1:]
         dx = -x - x * dth / theta
-        ap, ad = steps(dX, dx, dS, dth)
-        ap, ad = min(1.0, ap), min(1.0, ad)
-        mu_aff = (float(torch.sum((X + ap * dX) * (S + ad * dS))) + float((x + ap * dx) @ (theta + ad * dth))) / nu
+        ap = min(1.0, _max_step(LX, dX), _max_step_vec(x, dx))
+        ad = min(1.0, _max_step_bt(S, dS), _max_step_vec(theta, dth))
+        Xa = X + ap * dX
+        mu_aff = (S.inner(Xa) + ad * dS.inner(Xa) + float((x + ap * dx) @ (theta + ad * dth))) / nu
+        del Xa
         expon = max(1.0, 3.0 * min(ap, ad) ** 2)
         sigma = min(1.0, max(mu_aff / mu, 0.0) ** expon)
-        # corrector: second-order term Wc = sym(dX_a dS_a S^-1), of which the right-hand side
-        # reads the block-tridiagonal part only
-        K = _tri_mul(work, dX, dS)
-        Wc_tri = _sym(_tri_blocks(work, K, Sinv))
+        # corrector, with the second-order term Wc = sym(dX_a dS_a S^-1)
+        Wc = _sym(S.solve(dS.rmul(dX).T))
         trSi, cSi, _ = work.apply_C(Sinv)
-        trW, cW, _ = work.apply_C(Wc_tri)
+        trW, cW, _ = work.apply_C(Wc)
         smu = sigma * mu
         rhs = np.empty(p + 1)
         rhs[0] = -1.0 + smu * trSi - trW
-        cSi_g = cSi if P is None else P.T @ cSi
-        cW_g = cW if P is None else P.T @ cW
-        rhs[1:] = -smu * (cSi_g - 1.0 / theta) + cW_g - dx * dth / theta
+        rhs[1:] = -smu * (grp(cSi) - 1.0 / theta) + grp(cW) - dx * dth / theta
         dx_a, dth_a = dx, dth
         dy, dS = direction(rhs)
         dth = dy[1:]
-        dX = smu * Sinv - X - _sym((K + _tri_mul(work, X, dS)) @ Sinv)
+        dX = smu * Sinv - X - Wc - _sym(S.solve(dS.rmul(X).T))
+        del Wc
         dx = smu / theta - x - dx_a * dth_a / theta - x * dth / theta
-        ap, ad = steps(dX, dx, dS, dth)
+        ap = min(_max_step(LX, dX), _max_step_vec(x, dx))
+        ad = min(_max_step_bt(S, dS), _max_step_vec(theta, dth))
         gamma = 0.9 + 0.09 * min(ap, ad, 1.0)
         ap, ad = min(1.0, gamma * ap), min(1.0, gamma * ad)
         # primal step: X stays positive definite (the Lanczos estimate is confirmed here)
@@ -521,14 +619,12 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         else:
             status = "stalled"
             break
-        # dual step: keep S strictly positive definite in floating point
+        # dual step: S stays positive definite in floating point
         for _ in range(30):
             th_new = theta + ad * dth
             rho_new = rho + ad * dy[0]
-            lam_new = th_new if P is None else P @ th_new
-            S_new = work.S(rho_new, lam_new)
-            LS_new = _chol(S_new)
-            if LS_new is not None and np.all(th_new > 0):
+            S_new = work.S_bt(rho_new, th_new if P is None else P @ th_new)
+            if np.all(th_new > 0) and S_new.factor():
                 break
             ad *= 0.5
         else:
@@ -536,7 +632,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
             break
         X, LX = X_new, LX_new
         x = x + ap * dx
-        rho, theta, S, LS = rho_new, th_new, S_new, LS_new
+        rho, theta, S = rho_new, th_new, S_new
         log.debug("   ap %.3f ad %.3f sigma %.3g", ap, ad, sigma)
 
     lam = theta if P is None else P @ theta
