@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 VARIANTS = ("neuron", "layer")
 OPTIONS = ("tol", "max_iter", "time_limit", "scale", "init", "threads")
 F64 = torch.float64
+# step lengths: a dense eigenvalue problem up to this size, Lanczos above (measured crossover)
+EXACT_STEP_DIM = 400
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -401,7 +403,7 @@ def _max_step(L: torch.Tensor, D: torch.Tensor) -> float:
     """The largest alpha with L L^T + alpha D >= 0 (inf if D >= 0): exact for small d, else a
     Lanczos estimate on L^-1 D L^-T (an over-estimate: callers confirm it by a factorisation)."""
     d = L.shape[0]
-    if d <= 100:
+    if d <= EXACT_STEP_DIM:
         B = torch.linalg.solve_triangular(L, D, upper=False)
         B = torch.linalg.solve_triangular(L, B.T, upper=False)
         return _step_from(float(torch.linalg.eigvalsh(_sym(B))[0]))
@@ -416,7 +418,7 @@ def _max_step(L: torch.Tensor, D: torch.Tensor) -> float:
 def _max_step_bt(S: "_BT", dS: "_BT") -> float:
     """The same for a factorised block-tridiagonal S and a block-tridiagonal direction dS."""
     d = S.work.dim
-    if d <= 100:
+    if d <= EXACT_STEP_DIM:
         B = S.lsolve(dS.dense())
         return _step_from(float(torch.linalg.eigvalsh(_sym(S.lsolve(B.T)))[0]))
     return _step_from(_lanczos_min(lambda v: S.lsolve(dS.rmul(S.usolve(v).T).T), d))
