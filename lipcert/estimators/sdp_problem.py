@@ -133,9 +133,10 @@ def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Ve
     2. The hidden block C22 must be negative definite: then M <= 0 iff
        rho >= lambda_max(C11 - C12 C22^-1 C21)  (Schur complement; one eigenvalue problem).
     3. The candidate rho (with a small relative margin) is then *checked* on the whole matrix by a
-       Cholesky factorisation of -M - delta I, where delta covers the rounding errors of assembling
-       M and of the factorisation itself (|dM| <= gamma_n |terms|; Cholesky backward error
-       <= gamma_{d+1} d max diag). Success proves M <= 0 for the exact arithmetic matrix.
+       Cholesky factorisation of -D M D - delta I (D: exact powers of two that balance the
+       diagonal), where delta covers the rounding errors of assembling M and of the factorisation
+       itself (|dM| <= gamma_n |terms|; Cholesky backward error <= gamma_{d+1} d max diag).
+       Success proves M <= 0 for the exact-arithmetic matrix.
     """
     if problem.n_hidden == 0:
         return Verified(False, None, None, "no hidden layer: use the exact norm")
@@ -158,19 +159,29 @@ def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Ve
     if not math.isfinite(rho_star):
         return Verified(False, None, None, "the Schur complement is not finite")
     rho_star = max(rho_star, 0.0)
-    # rounding-error allowance for the assembled matrix and the factorisation
+    # Prove D M D <= 0 (equivalent to M <= 0) with D = diag(2^k) chosen so that D M D has a
+    # unit-order diagonal: powers of two scale exactly, and the rounding allowances below are then
+    # relative to each block's own magnitude, which matters when the multipliers of different
+    # layers span many decades (ACAS Xu: 1e-2 .. 1e10).
     d = problem.dim
     n_max = max(problem.widths) + 2
     gamma = lambda k: k * EPS / (1 - k * EPS)  # noqa: E731
-    assembly = gamma(n_max) * float(np.linalg.norm(problem.assemble(lams, absolute=True), "fro"))
+    abs_c = problem.assemble(lams, absolute=True)
     scale = max(rho_star, float(np.abs(np.diag(C)).max()), 1e-300)
+    idx = np.arange(n0)
     for rel in (SAFETY, 1e-7, 1e-5, 1e-3):
         rho = rho_star * (1.0 + rel) + rel * 1e-12 * scale
         M = C.copy()
-        M[np.arange(n0), np.arange(n0)] -= rho
-        chol_err = gamma(d + 1) * d * float(np.abs(np.diag(M)).max())
-        delta = assembly + chol_err
-        A = -M
+        M[idx, idx] -= rho
+        diag = np.abs(np.diag(M))
+        diag[~(diag > 0)] = 1.0
+        D = np.exp2(-np.round(np.log2(np.sqrt(diag))))
+        MD = M * D[:, None] * D[None, :]
+        abs_d = abs_c * D[:, None] * D[None, :]
+        abs_d[idx, idx] += rho * D[:n0] ** 2
+        # assembly: |dM| <= gamma_n |terms| entrywise; Cholesky: backward error <= gamma_{d+1} d max diag
+        delta = gamma(n_max) * float(np.linalg.norm(abs_d, "fro")) + gamma(d + 1) * d * float(np.abs(np.diag(MD)).max())
+        A = -MD
         A[np.diag_indices(d)] -= delta
         try:
             scipy.linalg.cholesky(A, lower=True, check_finite=False)
