@@ -59,7 +59,7 @@ def diagonal_chain(seed: int = 0, n: int = 4) -> ZooNet:
         l1.weight.copy_(torch.diag(d1)); l1.bias.zero_()
         l2.weight.copy_(torch.diag(d2)); l2.bias.zero_()
     # coordinatewise x_i -> d2_i relu(d1_i x_i): the constant is max_i d1_i d2_i for every norm
-    value = float(max(d1[i] * d2[i] for i in range(n)))
+    value = float(max(float(d1[i]) * float(d2[i]) for i in range(n)))  # in float64, as lipcert computes
     return ZooNet("diagonal_chain", torch.nn.Sequential(l1, torch.nn.ReLU(), l2), (1, n), {p: value for p in ("2", "inf", "1")})
 
 
