@@ -8,9 +8,8 @@ solver alone on the real networks (ACAS Xu, MNIST 256xk) of ../shared/models.
     python benchmarks/bench_sdp_scale.py --render        # rewrite the section from the saved JSON
 
 Every run is a separate process (its own peak memory, and a hard time cap for the generic
-solvers). Every value in the tables is re-verified in float64 after the solver returned: with
-sdp_problem.verify, and with lipsdp_check.verify_block_scaled where verify cannot prove it.
-Nothing here is timed in the tests.
+solvers). Every value in the tables is re-verified in float64 by sdp_problem.verify after the
+solver returned. Nothing here is timed in the tests.
 """
 
 from __future__ import annotations
@@ -105,7 +104,6 @@ def load_problem(spec: dict):
 
 def worker(spec: dict) -> dict:
     from lipcert.estimators import lipsdp_fast
-    from lipcert.estimators.lipsdp_check import verify_block_scaled
     from lipcert.estimators.sdp_problem import verify
 
     problem = load_problem(spec)
@@ -113,7 +111,7 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     if spec["method"] == "fast":
         lams, info = lipsdp_fast.solve(problem, spec.get("variant", "neuron"))
-        out.update(iterations=info["iterations"], gap=info["gap"], lower_value=info["lower_value"])
+        out.update(iterations=info["iterations"], gap=info["gap"], lower_value=info["lower_value"], start_value=info.get("start_value"))
     else:
         from lipcert.estimators.sdp import solve_cvxpy
 
@@ -127,10 +125,6 @@ def worker(spec: dict) -> dict:
         out["verify_s"] = time.perf_counter() - t1
         out["verified"] = v.value if v.ok else None
         out["verify_reason"] = v.reason
-        if not v.ok:
-            b = verify_block_scaled(problem, lams)
-            out["verified_scaled"] = b.value if b.ok else None
-            out["verify_scaled_reason"] = b.reason
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return out
 
@@ -240,7 +234,7 @@ def _t(r: dict | None) -> str:
 def _v(r: dict | None) -> float | None:
     if not r:
         return None
-    return r.get("verified") or r.get("verified_scaled")
+    return r.get("verified")
 
 
 def _fmt(x: float | None, digits: int = 7) -> str:
@@ -262,9 +256,7 @@ def render(results: dict) -> str:
         "The generic solvers run the project's cvxpy formulation (`sdp.solve_cvxpy`, layer-normalised) in separate "
         "processes with a hard time cap. Times are the solver call (problem construction included for cvxpy); the "
         "float64 re-verification is not included (its time is listed for the real networks). Every value is "
-        "`sqrt(rho)` re-verified in float64 after the solver returned; `verified*` marks a value that `verify()` "
-        "rejected and the block-scaled check `lipsdp_check.verify_block_scaled` proved (see the note below). "
-        "LipSDP-Neuron throughout.",
+        "`sqrt(rho)` re-verified by `sdp_problem.verify` in float64 after the solver returned. LipSDP-Neuron throughout.",
     )
     out.append("")
     mlp = results.get("mlp", {})
@@ -304,18 +296,17 @@ def render(results: dict) -> str:
     if real:
         out.append("### Real networks (../shared/models), lipcert-fast alone (LipSDP-Neuron)")
         out.append("")
-        out.append("| network | d | multipliers | time | iterations | duality gap | peak RSS | verify() | LipSDP bound | naive | lower (reference) | LipSDP / lower | naive / lower | generic solvers |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("| network | d | multipliers | time | iterations | duality gap | peak RSS | verify() | LipSDP bound | layer-wise start | naive | lower (reference) | LipSDP / lower | naive / lower | generic solvers |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for _g, name, row in real:
             r = row.get("fast", {})
             rf = ref.get(f"vnncomp2021/{name}.onnx", {})
             v = _v(r)
-            star = "" if r.get("verified") else "*"
             lower, naive = rf.get("lower_l2"), rf.get("naive_l2")
             gen = "; ".join(f"{s}: {(_t(row[s]) + ', ' + str(row[s].get('status'))) if row[s].get('time_s') is not None else row[s].get('status')}" + ("" if _v(row[s]) is None else f", {_fmt(_v(row[s]))}") for s in ("SDPA", "CVXOPT") if s in row)
             out.append(
                 f"| {name} | {r.get('d', '-')} | {r.get('m', '-')} | {_t(r)} | {r.get('iterations', '-')} | {_fmt(r.get('gap'), 2)} | "
-                f"{_fmt(r.get('peak_rss_mb'), 4)} MB | {'ok' if r.get('verified') else 'rejected'} ({_fmt(r.get('verify_s'), 2)} s) | {_fmt(v)}{star} | {_fmt(naive)} | {_fmt(lower)} | "
+                f"{_fmt(r.get('peak_rss_mb'), 4)} MB | {'ok' if r.get('verified') else 'rejected'} ({_fmt(r.get('verify_s'), 2)} s) | {_fmt(v)} | {_fmt(r.get('start_value'))} | {_fmt(naive)} | {_fmt(lower)} | "
                 f"{'-' if v is None or not lower else f'{v / lower:.3g}'} | {'-' if not naive or not lower else f'{naive / lower:.3g}'} | {gen or '-'} |"
             )
         out.append("")
