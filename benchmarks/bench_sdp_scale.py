@@ -108,6 +108,7 @@ def worker(spec: dict) -> dict:
 
     problem = load_problem(spec)
     out: dict = {"d": problem.dim, "m": problem.n_hidden}
+    _warm_up(spec["method"])
     t0 = time.perf_counter()
     if spec["method"] == "fast":
         lams, info = lipsdp_fast.solve(problem, spec.get("variant", "neuron"))
@@ -127,6 +128,23 @@ def worker(spec: dict) -> dict:
         out["verify_reason"] = v.reason
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return out
+
+
+def _warm_up(method: str) -> None:
+    """One tiny solve first, so that library loading (MKL, the cvxpy solver interface) is not
+    charged to the first timed solve; the same for every method."""
+    from lipcert.estimators.sdp_problem import LipSDPProblem
+
+    rng = np.random.default_rng(0)
+    tiny = LipSDPProblem([rng.normal(size=(3, 2)), rng.normal(size=(2, 3))], [np.zeros(3)], [np.ones(3)])
+    if method == "fast":
+        from lipcert.estimators import lipsdp_fast
+
+        lipsdp_fast.solve(tiny)
+    else:
+        from lipcert.estimators.sdp import solve_cvxpy
+
+        solve_cvxpy(tiny, "neuron", method)
 
 
 def run(spec: dict, cap: float | None) -> dict:

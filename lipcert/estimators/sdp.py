@@ -1,20 +1,29 @@
 """LipSDP (Fazlyab et al. 2019): the tightest proven l2 bound lipcert computes.
 
-The network is cut into runs of affine layers and slope-restricted activations; every run with an
-activation becomes one LipSDP problem (see sdp_problem.py), the rest (max-pooling, residual sums,
-concatenations) is composed as in the naive bound. A solver only proposes multipliers: the bound
+The network is cut into sections: maximal runs of affine layers and slope-restricted activations
+in which each node feeds only the next. Every run with an activation becomes one LipSDP problem
+(see sdp_problem.py); everything else (max-pooling, residual sums, concatenations, lone affine
+layers) keeps its own exact constant, and the sections are composed as in the naive bound
+(products along chains, sums over branches). A solver only proposes multipliers: a section's bound
 is what ``verify`` proves for them in float64, whatever the solver reported.
+
+Solvers: ``settings.solver`` None uses lipcert's structured solver (lipsdp_fast) when it imports,
+falling back to the best installed generic cvxpy solver for small problems; a cvxpy solver name
+(or "lipcert-fast") forces that solver.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import sys
+import tempfile
 import time
-import warnings
+import warnings as _warnings
+import weakref
 from typing import Any
 
 import numpy as np
@@ -22,33 +31,32 @@ import numpy as np
 from ..config import Settings
 from ..errors import InputError
 from ..graph import Activation, Affine, Graph, Node
-from ..result import LayerNorm, Result
+from ..result import Result
 from .base import SAFETY, register
 from .naive import node_lipschitz_bounds
 from .sdp_problem import LipSDPProblem, layer_scales, problem_from_graph, scaled, unscale_multipliers, verify
 
-# Generic solvers in order of preference, by measurement on this machine (issue #3: a 208 x 208
-# LipSDP-Neuron problem took 5 s with SDPA, 11.5 s with CVXOPT, 410 s with SCS, 750 s with Clarabel).
-# SDPA is fastest but reports optimal_inaccurate even on easy problems and prints to stdout from
-# C code; CVXOPT is the default generic solver.
-SOLVER_PREFERENCE = ("CVXOPT", "SDPA", "CLARABEL", "SCS")
-# Largest matrix inequality (rows) handed to a generic cvxpy solver by default: CVXOPT needs
-# about 150 s at 448 rows on this machine (models/cnn_bars.onnx); pass --solver to go beyond.
-CVXPY_MAX_DIM = 300
+log = logging.getLogger(__name__)
+
+FAST = "lipcert-fast"
+# Generic solvers in order of preference, by measurement (issue #3: a 208 x 208 LipSDP-Neuron
+# problem took 5 s with SDPA, 11.5 s with CVXOPT, 410 s with SCS, 750 s with Clarabel; re-measured
+# in benchmarks/RESULTS.md "Methods side by side"). SDPA reports optimal_inaccurate even on easy
+# problems; that is harmless here, because only the verified value of its multipliers is used.
+# MOSEK (commercial, not installed here so not measured) comes first when the user has it.
+SOLVER_PREFERENCE = ("MOSEK", "SDPA", "CVXOPT", "CLARABEL", "SCS")
+# Largest matrix inequality (rows) handed to a generic cvxpy solver by default: models/cnn_bars.onnx
+# (448 rows) takes about 1-2 minutes with SDPA or CVXOPT on 2 cores; pass --solver to go beyond.
+CVXPY_MAX_DIM = 500
+# Largest matrix inequality built densely at all: verification holds a few d x d float64 matrices
+# (0.8 GB each at d = 10^4) and factors them; larger sections are refused (accepts()).
+LMI_MAX_DIM = 10_000
 
 
 def installed_solvers() -> list[str]:
     import cvxpy as cp
 
     return list(cp.installed_solvers())
-
-
-def default_solver() -> str:
-    installed = installed_solvers()
-    for name in SOLVER_PREFERENCE:
-        if name in installed:
-            return name
-    raise InputError("no SDP solver is installed for cvxpy", None, "pip install clarabel (or scs, cvxopt, sdpa-python)")
 
 
 def fast_solver_available() -> bool:
@@ -59,45 +67,94 @@ def fast_solver_available() -> bool:
     return True
 
 
+def default_solver() -> str:
+    """The best installed generic cvxpy solver for LipSDP."""
+    installed = installed_solvers()
+    for name in SOLVER_PREFERENCE:
+        if name in installed:
+            return name
+    raise InputError("no SDP solver is installed for cvxpy", None, "pip install sdpa-python (or cvxopt, clarabel, scs)")
+
+
+def check_solver(solver: str | None) -> str | None:
+    """The canonical solver name for ``--solver`` (None: automatic), or InputError listing the choices."""
+    if solver is None:
+        return None
+    if solver.lower() in (FAST, "fast"):
+        if not fast_solver_available():
+            raise InputError("solver 'lipcert-fast' is not available in this installation", None, f"choose one of: {', '.join(installed_solvers())}")
+        return FAST
+    name = solver.upper()
+    installed = installed_solvers()
+    if name not in installed:
+        choices = ", ".join([FAST] * fast_solver_available() + installed)
+        raise InputError(f"solver {solver!r} is not installed for cvxpy", None, f"choose one of: {choices}")
+    return name
+
+
+def solver_label(settings: Settings) -> str:
+    solver = check_solver(settings.solver)
+    if solver is not None:
+        return solver
+    return FAST if fast_solver_available() else default_solver()
+
+
+# --------------------------------------------------------------------------------------------
+# One LipSDP problem: solve, then verify
+# --------------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
 class Solved:
     """One LipSDP solve: the solver's claim and what was proven from it."""
 
     value: float | None  # verified bound (None when it failed)
-    solver_value: float | None
-    status: str
+    solver_value: float | None  # sqrt of the solver's rho, in original units: never a bound
+    status: str  # "ok", "solver_failed: ...", "not_verified: ...", "too_large: ..."
     solver: str
-    time_s: float
-    reason: str = ""
+    solver_status: str
+    time_s: float  # solve + verify
+    verify_time_s: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    attempts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @contextlib.contextmanager
 def _quiet_solver():
-    """Solvers print from C code: send file descriptor 1 to stderr so stdout stays clean JSON."""
+    """Solvers print from C code (SDPA: "Strange behavior : primal < dual"): capture file
+    descriptor 1 in a temporary file, so that stdout stays clean JSON, and log it at debug level."""
     sys.stdout.flush()
     saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            with _warnings.catch_warnings():
+                _warnings.simplefilter("ignore")
+                yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read(4000).decode(errors="replace").strip()
+            if text:
+                log.debug("solver output: %s", text)
 
 
-def solve_cvxpy(problem: LipSDPProblem, variant: str, solver: str, opts: dict[str, Any] | None = None) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
-    """Solve the layer-normalised LipSDP with cvxpy; return the original problem's multipliers."""
+def solve_cvxpy(problem: LipSDPProblem, variant: str, solver: str, opts: dict[str, Any] | None = None, scale: bool = True) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
+    """Solve LipSDP with a generic cvxpy solver; return the original problem's multipliers.
+
+    With ``scale`` (the default) every weight is divided by its spectral norm first, which keeps
+    the data within a few decades for the solver; rho and the multipliers are mapped back."""
     import cvxpy as cp
 
-    c = layer_scales(problem)
+    c = layer_scales(problem) if scale else [1.0] * len(problem.weights)
     p = scaled(problem, c)
     widths = p.widths
     lams = [cp.Variable(n, nonneg=True) if variant == "neuron" else cp.Variable(nonneg=True) for n in widths[1:]]
     rho = cp.Variable(nonneg=True)
     L = len(widths)
+    # C(lambda) = C0 + sum_i lambda_i C_i, block-tridiagonal (sdp_problem.LipSDPProblem.assemble)
     blocks: list[list[Any]] = [[np.zeros((widths[i], widths[j])) for j in range(L)] for i in range(L)]
     for j in range(1, L):
         W = p.weights[j - 1]
@@ -113,18 +170,21 @@ def solve_cvxpy(problem: LipSDPProblem, variant: str, solver: str, opts: dict[st
     blocks[0][0] = blocks[0][0] - rho * np.eye(widths[0])
     M = cp.bmat(blocks)
     prob = cp.Problem(cp.Minimize(rho), [(M + M.T) / 2 << 0])
-    info: dict[str, Any] = {"solver": solver, "dim": p.dim, "multipliers": sum(widths[1:]) if variant == "neuron" else L - 1}
+    info: dict[str, Any] = {"status": "not run"}
     try:
         with _quiet_solver():
             prob.solve(solver=solver, **(opts or {}))
-    except cp.error.SolverError as exc:
-        info["status"] = f"solver_error: {str(exc)[:200]}"
-        return None, info
     except MemoryError:
-        info["status"] = "out_of_memory"
+        info["status"] = "out of memory"
+        return None, info
+    except Exception as exc:  # noqa: BLE001 - cvxpy.SolverError, or a solver's own error: a failed solve
+        info["status"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
         return None, info
     info["status"] = str(prob.status)
-    if rho.value is not None:
+    stats = prob.solver_stats
+    if stats is not None and stats.num_iters is not None:
+        info["iterations"] = int(stats.num_iters)
+    if rho.value is not None and np.isfinite(rho.value):
         info["solver_value"] = math.sqrt(max(float(rho.value), 0.0)) * float(np.prod(c))
     if prob.status not in ("optimal", "optimal_inaccurate") or any(lam.value is None for lam in lams):
         return None, info
@@ -132,33 +192,85 @@ def solve_cvxpy(problem: LipSDPProblem, variant: str, solver: str, opts: dict[st
     return unscale_multipliers(values, c), info
 
 
-def solve_problem(problem: LipSDPProblem, settings: Settings) -> Solved:
-    """Propose multipliers with the chosen solver, then verify them in float64."""
+def _propose(problem: LipSDPProblem, variant: str, solver: str, opts: dict[str, Any]) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
+    if solver != FAST:
+        return solve_cvxpy(problem, variant, solver, opts)
+    from . import lipsdp_fast
+
+    try:
+        return lipsdp_fast.solve(problem, variant=variant, **opts)
+    except MemoryError:
+        return None, {"status": "out of memory"}
+    except Exception as exc:  # noqa: BLE001 - a solver bug must end in a failed status, not a crash
+        return None, {"status": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
+
+
+def _attempt(problem: LipSDPProblem, variant: str, solver: str, opts: dict[str, Any]) -> Solved:
     start = time.perf_counter()
+    lams, info = _propose(problem, variant, solver, opts)
+    solver_status = str(info.get("status", "unknown"))
+    solver_value = info.get("solver_value")
+    solved_at = time.perf_counter()
+    if lams is None:
+        return Solved(None, solver_value, f"solver_failed: {solver} returned no multipliers (status {solver_status})", solver, solver_status, solved_at - start, 0.0, info)
+    checked = verify(problem, lams)
+    done = time.perf_counter()
+    if not checked.ok:
+        return Solved(None, solver_value, f"not_verified: {solver} (status {solver_status}): {checked.reason}", solver, solver_status, done - start, done - solved_at, info)
+    info = {**info, "verification": checked.reason}
+    return Solved(checked.value, solver_value, "ok", solver, solver_status, done - start, done - solved_at, info)
+
+
+def solve_problem(problem: LipSDPProblem, settings: Settings) -> Solved:
+    """Propose multipliers with the chosen solver, then verify them in float64.
+
+    Automatic choice (``settings.solver`` None): the structured solver, and if it fails the best
+    generic solver when the problem is small enough for it."""
     variant = settings.sdp_variant
     opts = dict(settings.extra.get("solver_opts", {}))
-    if settings.solver is None and fast_solver_available():
-        from . import lipsdp_fast
+    forced = check_solver(settings.solver)
+    if forced is not None:
+        out = _attempt(problem, variant, forced, opts)
+        out.attempts = [_attempt_record(out)]
+        return out
+    attempts: list[Solved] = []
+    if fast_solver_available():
+        attempts.append(_attempt(problem, variant, FAST, opts))
+    if not attempts or attempts[-1].value is None:
+        generic = default_solver()
+        if problem.dim <= CVXPY_MAX_DIM:
+            attempts.append(_attempt(problem, variant, generic, {}))
+        elif not attempts:
+            attempts.append(Solved(None, None, f"too_large: a matrix inequality of {problem.dim} rows is more than {CVXPY_MAX_DIM} for a generic solver by default", generic, "not run", 0.0))
+    out = next((a for a in attempts if a.value is not None), attempts[-1])
+    if out.value is None and len(attempts) > 1:
+        out = dataclasses.replace(out, status="; ".join(a.status for a in attempts))
+    out.attempts = [_attempt_record(a) for a in attempts]
+    out.time_s = sum(a.time_s for a in attempts)
+    return out
 
-        name = "lipcert-fast"
-        lams, info = lipsdp_fast.solve(problem, variant=variant, **opts)
-    else:
-        name = (settings.solver or default_solver()).upper()
-        if name not in installed_solvers():
-            raise InputError(f"solver {settings.solver!r} is not installed for cvxpy", None, f"choose one of: {', '.join(installed_solvers())}")
-        if settings.solver is None and problem.dim > CVXPY_MAX_DIM:
-            return Solved(None, None, "too_large", name, time.perf_counter() - start, f"matrix inequality of size {problem.dim} > {CVXPY_MAX_DIM} for a generic solver")
-        lams, info = solve_cvxpy(problem, variant, name, opts)
-    elapsed = time.perf_counter() - start
-    status = str(info.get("status", "unknown"))
-    if lams is None:
-        return Solved(None, info.get("solver_value"), f"solver_failed: {status}", name, elapsed, f"{name} returned no multipliers (status {status})", info)
-    checked = verify(problem, lams)
-    elapsed = time.perf_counter() - start
-    if not checked.ok:
-        return Solved(None, info.get("solver_value"), f"not_verified: {checked.reason}", name, elapsed, checked.reason, info)
-    info["verification"] = checked.reason
-    return Solved(checked.value, info.get("solver_value"), "ok" if status == "optimal" else f"ok ({status}; multipliers verified)", name, elapsed, "", info)
+
+def _attempt_record(s: Solved) -> dict[str, Any]:
+    return {"solver": s.solver, "status": s.status, "solver_status": s.solver_status, "solver_value": s.solver_value,
+            "verified_value": s.value, "time_s": s.time_s, "verify_time_s": s.verify_time_s,
+            **{k: v for k, v in s.info.items() if k in ("iterations", "gap")}}
+
+
+# --------------------------------------------------------------------------------------------
+# Sections of a graph
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Section:
+    nodes: list[Node]
+    dim: int  # rows of its matrix inequality (0 when it is not a LipSDP section)
+    problem: LipSDPProblem | None = None
+    reason: str = ""  # why it is not a LipSDP problem
+
+    @property
+    def label(self) -> str:
+        return self.nodes[0].name if len(self.nodes) == 1 else f"{self.nodes[0].name}..{self.nodes[-1].name}"
 
 
 def _runs(graph: Graph) -> list[list[Node]]:
@@ -166,26 +278,66 @@ def _runs(graph: Graph) -> list[list[Node]]:
     consumers = graph.consumers()
     runs: list[list[Node]] = []
     for n in graph.nodes:
-        if isinstance(n, (Affine, Activation)):
-            if runs and runs[-1] and isinstance(runs[-1][-1], (Affine, Activation)) and n.inputs == [runs[-1][-1].name] and consumers[runs[-1][-1].name] == [n.name]:
-                runs[-1].append(n)
-                continue
-            runs.append([n])
+        prev = runs[-1][-1] if runs else None
+        if (isinstance(n, (Affine, Activation)) and isinstance(prev, (Affine, Activation)) and n.inputs == [prev.name]
+                and consumers[prev.name] == [n.name] and prev.name != graph.output):
+            runs[-1].append(n)
         else:
             runs.append([n])
     return runs
 
 
-def _run_problem(run: list[Node], graph: Graph) -> LipSDPProblem | str:
-    first = run[0]
-    nodes = [dataclasses.replace(first, inputs=[Graph.INPUT])] + run[1:]
-    sub = Graph(nodes, graph.shape_of(first.inputs[0]), run[-1].name)
-    return problem_from_graph(sub)
+def _section(run: list[Node], graph: Graph) -> Section:
+    if len(run) == 1 or not any(isinstance(n, Activation) for n in run):
+        return Section(run, 0, reason="no activation between linear maps" if len(run) > 1 else "single node")
+    n0 = int(np.prod(graph.shape_of(run[0].inputs[0])))
+    dim = n0 + sum(int(np.prod(n.out_shape)) for n in run if isinstance(n, Activation))
+    if dim > LMI_MAX_DIM:
+        return Section(run, dim, reason=f"its matrix inequality would have {dim} rows (more than {LMI_MAX_DIM})")
+    sub = Graph([dataclasses.replace(run[0], inputs=[Graph.INPUT]), *run[1:]], graph.shape_of(run[0].inputs[0]), run[-1].name)
+    problem = problem_from_graph(sub)
+    if isinstance(problem, str):
+        return Section(run, dim, reason=problem)
+    return Section(run, problem.dim, problem)
 
 
-def plan(graph: Graph, settings: Settings) -> tuple[Graph, list[tuple[list[Node], LipSDPProblem | str]]]:
+_PLANS: dict[int, tuple[weakref.ref, Graph, list[Section]]] = {}
+
+
+def plan(graph: Graph) -> tuple[Graph, list[Section]]:
+    """The merged graph and its sections (cached for the last graphs seen: accepts() then run())."""
+    key = id(graph)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is graph:
+        return hit[1], hit[2]
     merged = graph.merge_linear()
-    return merged, [(run, _run_problem(run, merged) if len(run) > 1 else "single node") for run in _runs(merged)]
+    sections = [_section(run, merged) for run in _runs(merged)]
+    if len(_PLANS) >= 2:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = (weakref.ref(graph), merged, sections)
+    return merged, sections
+
+
+def _compose(merged: Graph, sections: list[Section], bounds: dict[str, tuple[float, str]]) -> tuple[float, list]:
+    """Compose section bounds (keyed by a section's last node) with every other node's exact
+    constant (enlarged by SAFETY) over the graph: product along chains, sum over branches."""
+    inner = {n.name for s in sections if s.nodes[-1].name in bounds for n in s.nodes[:-1]}
+
+    def node_norm(node: Node, p: str) -> tuple[float, bool, str]:
+        if node.name in inner:
+            return 1.0, True, "inside a LipSDP section"
+        if node.name in bounds:
+            value, how = bounds[node.name]
+            return value, False, how
+        value, exact, how = node.lipschitz(p)
+        return value * (1.0 + SAFETY), exact, how
+
+    total, layers = node_lipschitz_bounds(merged, "2", node_norm, margin=0.0)
+    return total[merged.output], [layer for layer in layers if layer.name not in inner]
+
+
+def _check_norm(settings: Settings) -> str | None:
+    return None if settings.norm == "2" else "LipSDP bounds the l2 norm only"
 
 
 @register
@@ -195,101 +347,124 @@ class LipSDP:
     description = "LipSDP (neuron or layer multipliers), solver multipliers re-verified in float64; proven l2 bound"
 
     def accepts(self, graph: Graph, settings: Settings) -> str | None:
-        if settings.norm != "2":
-            return "LipSDP bounds the l2 norm only"
-        _, sections = plan(graph, settings)
-        problems = [p for _, p in sections if isinstance(p, LipSDPProblem)]
-        if problems and settings.solver is None and not fast_solver_available() and all(p.dim > CVXPY_MAX_DIM for p in problems):
-            return f"every LipSDP section is larger than {CVXPY_MAX_DIM} rows for a generic solver"
+        if (reason := _check_norm(settings)) is not None:
+            return reason
+        forced = check_solver(settings.solver)
+        _, sections = plan(graph)
+        for s in sections:
+            if s.problem is None and s.dim > 0:
+                return f"section {s.label} cannot be posed as LipSDP: {s.reason}"
+        if forced is None and not fast_solver_available():
+            big = [s for s in sections if s.problem is not None and s.dim > CVXPY_MAX_DIM]
+            if big:
+                return (f"section {big[0].label} has a matrix inequality of {big[0].dim} rows, more than {CVXPY_MAX_DIM} "
+                        "for a generic solver by default (name one with --solver to try anyway)")
         return None
 
     def run(self, graph: Graph, settings: Settings) -> Result:
         start = time.perf_counter()
-        merged, sections = plan(graph, settings)
-        section_bound: dict[str, tuple[float, bool, str]] = {}
-        details: list[dict[str, Any]] = []
+        merged, sections = plan(graph)
+        if (reason := _check_norm(settings)) is not None:
+            raise InputError(reason, graph.source)
+        label = solver_label(settings)
+        run_settings = {"norm": "2", "variant": settings.sdp_variant, "solver": label, "safety_margin": SAFETY,
+                        "solver_opts": dict(settings.extra.get("solver_opts", {}))}
+        bounds: dict[str, tuple[float, str]] = {}
+        records: list[dict[str, Any]] = []
+        failures: list[tuple[Section, Solved]] = []
         warnings: list[str] = []
-        failed: list[str] = []
-        for run, problem in sections:
-            if not isinstance(problem, LipSDPProblem):
+        for s in sections:
+            if s.problem is None:
                 continue
-            solved = solve_problem(problem, settings)
-            details.append({"nodes": [n.name for n in run], "dim": problem.dim, "solver": solved.solver, "status": solved.status,
+            solved = solve_problem(s.problem, settings)
+            records.append({"section": s.label, "nodes": [n.name for n in s.nodes], "dim": s.problem.dim,
+                            "widths": s.problem.widths, "multipliers": s.problem.n_hidden if settings.sdp_variant == "neuron" else len(s.problem.widths) - 1,
+                            "solver": solved.solver, "status": solved.status, "solver_status": solved.solver_status,
                             "solver_value": solved.solver_value, "verified_value": solved.value, "time_s": solved.time_s,
-                            **{k: v for k, v in solved.info.items() if k in ("iterations", "gap", "multipliers")}})
+                            "verify_time_s": solved.verify_time_s, "verification": solved.info.get("verification", ""),
+                            "attempts": solved.attempts})
             if solved.value is None:
-                failed.append(f"{run[0].name}..{run[-1].name}: {solved.status}")
-                continue
-            section_bound[run[-1].name] = (solved.value, False, f"LipSDP-{settings.sdp_variant} over {len(run)} nodes ({solved.solver})")
-        if failed:
-            status = "failed: " + "; ".join(failed)
-            return Result(self.name, "upper", "2", None, False, time.perf_counter() - start, self._settings(settings),
-                          warnings=[f"LipSDP failed, no bound is given: {f}" for f in failed], status=status,
-                          model=graph.source, sha256=graph.sha256, details={"sections": details})
-        in_run = {n.name for run, p in sections if isinstance(p, LipSDPProblem) for n in run}
-        # compose: a solved run acts as one node whose constant is its verified bound
-        composed_nodes = []
-        for run, problem in sections:
-            if isinstance(problem, LipSDPProblem):
-                composed_nodes.append(_RunNode(name=run[-1].name, op=f"LipSDP[{run[0].name}..{run[-1].name}]", inputs=run[0].inputs, out_shape=run[-1].out_shape, bound=section_bound[run[-1].name]))
-            else:
-                composed_nodes.extend(run)
-        composed = Graph(composed_nodes, merged.input_shape, merged.output)
-        total, layers = node_lipschitz_bounds(composed, "2", _section_norm, margin=0.0)
-        layers = [LayerNorm(l.name, l.op, l.value * (1 + SAFETY) if l.name not in section_bound else l.value, l.exact, l.how, l.cumulative) for l in layers]
-        if not section_bound:
-            warnings.append("no activation between linear layers: the bound is the product of exact layer norms")
-        elif len(section_bound) > 1 or len(in_run) < len(merged.nodes):
-            warnings.append(f"the network was split into {len(sections)} sections; LipSDP bounds {len(section_bound)} of them and the sections' bounds are composed (products along chains, sums over branches)")
-        solver_values = [d["solver_value"] for d in details]
-        return Result(
-            self.name, "upper", "2", _compose_with_margin(composed), True, time.perf_counter() - start, self._settings(settings),
-            layers=layers, warnings=warnings, status=details[0]["status"] if len(details) == 1 else "ok",  # noqa: E501
-            model=graph.source, sha256=graph.sha256,
-            details={"sections": details, "solver_value": solver_values[0] if len(solver_values) == 1 else None},
-        )
-
-    @staticmethod
-    def _settings(settings: Settings) -> dict[str, Any]:
-        return {"variant": settings.sdp_variant, "solver": settings.solver or ("lipcert-fast" if fast_solver_available() else default_solver()), "safety_margin": SAFETY}
+                failures.append((s, solved))
+                break  # one unproven section leaves the whole network unproven
+            if solved.solver_status != "optimal":
+                warnings.append(f"{solved.solver} reported '{solved.solver_status}' on section {s.label}: its multipliers were verified "
+                                "in float64 and the verified value is the bound (it may be looser than the LipSDP optimum)")
+            bounds[s.nodes[-1].name] = (solved.value, f"LipSDP-{settings.sdp_variant} over {len(s.nodes)} nodes ({solved.solver}), verified")
+        n_sdp = sum(s.problem is not None for s in sections)
+        details: dict[str, Any] = {
+            "variant": settings.sdp_variant, "solver": label, "sections": records, "lmi_rows": [r["dim"] for r in records],
+            "solver_value": records[0]["solver_value"] if len(records) == 1 else None,
+            "verified_value": records[0]["verified_value"] if len(records) == 1 else None,
+        }
+        if failures:
+            failed, solved = failures[0]
+            status = solved.status if len(sections) == 1 else f"{solved.status} (section {failed.label})"
+            return Result(self.name, "upper", "2", None, False, time.perf_counter() - start, run_settings, status=status,
+                          model=graph.source, sha256=graph.sha256, details=details)
+        value, layers = _compose(merged, sections, bounds)
+        if n_sdp == 0:
+            hows = sorted({layer.how for layer in layers})
+            warnings.append(f"no activation between linear layers: the bound is the linear map's norm ({', '.join(hows)}), as in naive")
+        elif len(sections) > 1:
+            warnings.append(f"the network was split into {len(sections)} sections (residual branches, max-pooling or lone layers); "
+                            f"LipSDP bounds {n_sdp} of them and the sections' bounds are composed (products along chains, sums over branches)")
+        return Result(self.name, "upper", "2", value, True, time.perf_counter() - start, run_settings, layers=layers,
+                      warnings=warnings, status="ok", model=graph.source, sha256=graph.sha256, details=details)
 
 
-@dataclasses.dataclass
-class _RunNode(Affine):
-    """A solved LipSDP section standing in the composition as one node with a proven constant."""
-
-    bound: tuple[float, bool, str] = (0.0, False, "")
-
-    def lipschitz(self, p: str) -> tuple[float, bool, str]:
-        return self.bound
-
-
-def _section_norm(node: Node, norm: str) -> tuple[float, bool, str]:
-    return node.lipschitz(norm)
-
-
-def _compose_with_margin(composed: Graph) -> float:
-    # verified sections already carry their margin; the other nodes get SAFETY like naive
-    def norm(node: Node, p: str) -> tuple[float, bool, str]:
-        value, exact, how = node.lipschitz(p)
-        return (value if isinstance(node, _RunNode) else value * (1 + SAFETY)), exact, how
-
-    total, _ = node_lipschitz_bounds(composed, "2", norm, margin=0.0)
-    return total[composed.output]
+# --------------------------------------------------------------------------------------------
+# Pairwise bounds for certificates
+# --------------------------------------------------------------------------------------------
 
 
 def pairwise_lipschitz(graph: Graph, pairs: list[tuple[int, int]], settings: Settings) -> dict[tuple[int, int], float | None]:
-    """Proven l2 bounds on the Lipschitz constant of f_y - f_j for each pair (y, j), by LipSDP on
-    the network with its last layer replaced by the row difference. None where it failed."""
-    problem = problem_from_graph(graph)
-    if not isinstance(problem, LipSDPProblem):
-        raise InputError(f"pairwise LipSDP needs a chain network: {problem}", graph.source)
+    """Proven l2 bounds on the Lipschitz constant of f_y - f_j for each pair (y, j).
+
+    The section that produces the output gets its last linear map replaced by the row difference
+    (e_y - e_j)^T W_l and is solved and verified per pair (LipSDP), or, when that section is a
+    lone affine layer, takes the exact norm of the row difference; the other sections are bounded
+    once and composed as in ``LipSDP.run``. None where no proven bound was found (solver failure);
+    InputError when the network's output section admits no pairwise bound (e.g. a residual sum or
+    max-pooling produces the output) or a section is too large."""
+    if (reason := LipSDP().accepts(graph, settings)) is not None:
+        raise InputError(f"pairwise LipSDP does not apply: {reason}", graph.source)
+    merged, sections = plan(graph)
+    out_section = next(s for s in sections if s.nodes[-1].name == merged.output)
+    last = out_section.nodes[-1]
+    if out_section.problem is None and not (len(out_section.nodes) == 1 and isinstance(last, Affine)):
+        raise InputError(f"pairwise bounds need the output to come from a linear layer or a LipSDP section; {last.name} is a {type(last).__name__}", graph.source)
+    if out_section.problem is None:
+        W = last.lin.dense()
+        if W is None:
+            raise InputError(f"the output layer {last.name} is too large for a dense matrix", graph.source)
+    else:
+        W = out_section.problem.weights[-1]
+    n_out = W.shape[0]
+    for y, j in pairs:
+        if not (0 <= y < n_out and 0 <= j < n_out):
+            raise InputError(f"class pair {(y, j)} is out of range for {n_out} outputs")
+    bounds: dict[str, tuple[float, str]] = {}
+    for s in sections:
+        if s.problem is not None and s is not out_section:
+            solved = solve_problem(s.problem, settings)
+            if solved.value is None:
+                return {pair: None for pair in pairs}
+            bounds[s.nodes[-1].name] = (solved.value, "LipSDP")
     out: dict[tuple[int, int], float | None] = {}
-    W = problem.weights[-1]
     for y, j in pairs:
         if (j, y) in out:
             out[(y, j)] = out[(j, y)]
             continue
-        solved = solve_problem(problem.with_last(W[y] - W[j]), settings)
-        out[(y, j)] = solved.value
+        if y == j:
+            out[(y, j)] = 0.0
+            continue
+        row = np.atleast_2d(W[y] - W[j])
+        if out_section.problem is None:
+            value: float | None = float(np.linalg.norm(row)) * (1.0 + SAFETY)
+        else:
+            value = solve_problem(out_section.problem.with_last(row), settings).value
+        if value is None:
+            out[(y, j)] = None
+            continue
+        out[(y, j)] = _compose(merged, sections, {**bounds, last.name: (value, "pairwise")})[0]
     return out
