@@ -8,6 +8,7 @@
 import logging
 
 from .api import bound, methods
+from .certify import Certificates, certified_radius, certify
 from .estimators.lower import lower_bound
 from .errors import InputError, LipcertError, ModelError, SolverError, UnsupportedModelError
 from .graph import Graph
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "load", "bound", "lower_bound", "methods", "supported_ops", "Graph", "Result",
+    "load", "bound", "lower_bound", "certified_radius", "certify", "Certificates", "methods", "supported_ops", "Graph", "Result",
     "LipcertError", "ModelError", "UnsupportedModelError", "InputError", "SolverError", "__version__",
 ]

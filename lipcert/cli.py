@@ -118,7 +118,7 @@ def _method_names() -> list[str]:
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
 @click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Iterations of power / Gram iteration.")
-@click.option("--solver", default=None, help="cvxpy solver for --method sdp (see `lipcert methods`).")
+@click.option("--solver", default=None, help="Solver for --method sdp: a cvxpy solver name (see `lipcert methods`) or lipcert-fast; default: lipcert-fast, else the fastest installed (SDPA, CVXOPT, CLARABEL, SCS).")
 @click.option("--sdp-variant", type=click.Choice(["neuron", "layer"]), default="neuron", show_default=True, help="LipSDP multipliers: one per neuron or one per layer.")
 @click.option("--layers", is_flag=True, help="Also print the per-layer norms and their running product.")
 @output_options
@@ -140,19 +140,35 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     progress.set_quiet(quiet or as_json)
     graph = _load(model, input_shape)
     settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant)
+    skipped: dict[str, str] = {}
     if method == "all":
-        names = [n for n, e in ESTIMATORS.items() if e.accepts(graph, settings) is None]
+        for n, e in ESTIMATORS.items():
+            reason = e.accepts(graph, settings)
+            if reason is not None:
+                skipped[n] = reason
+        names = [n for n in ESTIMATORS if n not in skipped]
     else:
         names = [method]
     results = []
     for name in names:
         progress.note(f"running {name} ...")
-        results.append(estimate(graph, name, settings))
+        try:
+            results.append(estimate(graph, name, settings))
+        except LipcertError as exc:
+            if method != "all":
+                raise
+            # one failed method must not take the others down: it becomes a failed row
+            kind = ESTIMATORS[name].kind
+            results.append(Result(name, kind, settings.norm, None, False, 0.0, status=f"error: {exc.message()}", model=model, sha256=graph.sha256))
     best = best_upper(results)
     if as_json:
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "best_upper": best, "results": [r.to_dict() for r in results]}))
+        rows = [{**r.to_dict(), "best": r.method == best} for r in results]
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "best_upper": best, "results": rows, "skipped": skipped}))
     else:
-        click.echo(format_results(results, layers=layers, best=best if len(results) > 1 else None))
+        out = format_results(results, layers=layers, best=best if len(results) > 1 else None)
+        for name, reason in skipped.items():
+            out += f"\nskipped {name}: {reason}"
+        click.echo(out)
     if method != "all" and results[0].value is None:
         click.echo(f"Error: {method} gave no bound: {results[0].status}. What to do: try another --solver or --method naive.", err=True)
         sys.exit(1)
@@ -214,13 +230,13 @@ def methods(as_json: bool) -> None:
 @model_options
 @click.option("--norm", "-p", type=click.Choice(["2", "inf"]), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--starts", type=click.IntRange(min=1), default=64, show_default=True, help="Points improved at once (16x as many are screened first).")
-@click.option("--steps", type=click.IntRange(min=0), default=50, show_default=True, help="Improvement steps per point.")
+@click.option("--steps", type=click.IntRange(min=0), default=None, help="Ascent steps per point  [default: 200 for dense networks, 50 with convolutions or pooling]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Where the search runs; cuda falls back to the CPU with a warning.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="An .npz file whose array x holds inputs to start from.")
 @output_options
 @friendly_errors
-def lower(model: str, input_shape, norm: str, starts: int, steps: int, seed: int, device: str, data: str | None, as_json: bool, quiet: bool) -> None:
+def lower(model: str, input_shape, norm: str, starts: int, steps: int | None, seed: int, device: str, data: str | None, as_json: bool, quiet: bool) -> None:
     """A witnessed lower bound on the Lipschitz constant of MODEL.
 
     Searches for inputs x, y where the network stretches most; the value printed is
@@ -244,3 +260,82 @@ def lower(model: str, input_shape, norm: str, starts: int, steps: int, seed: int
     else:
         click.echo(format_results([result]))
         click.echo(f"witness: x = {np.round(np.asarray(result.witness['x']).ravel()[:6], 6).tolist()}{' ...' if graph.input_dim > 6 else ''}, y = x + {result.witness['t']:.3g} v")
+
+
+def _eps_list(ctx: click.Context, param: click.Parameter, value: tuple[float, ...]) -> list[float]:
+    if any(e < 0 for e in value):
+        raise click.BadParameter("radii must be >= 0")
+    return sorted(value)
+
+
+@main.command()
+@model_options
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="An .npz file with inputs x and integer labels y.")
+@click.option("--eps", multiple=True, type=float, callback=_eps_list, default=(), help="Radius at which to report certified accuracy (repeatable).")
+@click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Norm of the perturbation.")
+@click.option("--method", type=click.Choice(["sdp", "naive"]), default="sdp", show_default=True, help="How the pairwise margin constants are bounded (sdp: LipSDP for l2 where it applies).")
+@output_options
+@friendly_errors
+def certify(model: str, input_shape, data: str, eps: list[float], norm: str, method: str, as_json: bool, quiet: bool) -> None:
+    """Certified radii and certified accuracy of MODEL on a data set.
+
+    A point is certified at radius eps when it is classified correctly and no perturbation of
+    norm <= eps can change its class, as proven by the margin divided by a proven Lipschitz
+    bound of each logit difference.
+
+    \b
+    Examples:
+      lipcert certify models/mlp_spiral.onnx --data models/spiral_test.npz --eps 0.01 --eps 0.02
+      lipcert certify models/cnn_bars.onnx --data models/bars_test.npz --norm inf --method naive --json
+    """
+    from .certify import certify as run_certify, load_dataset
+
+    progress.set_quiet(quiet or as_json)
+    graph = _load(model, input_shape)
+    x, y = load_dataset(data)
+    progress.note("computing the pairwise margin constants ...")
+    out = run_certify(graph, x, y, eps, norm=norm, method=method)
+    if as_json:
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "data": data, **out}))
+        return
+    radii = np.array([p["radius"] for p in out["points"]])
+    click.echo(f"{len(radii)} points, clean accuracy {out['clean_accuracy']:.3f}, l{norm} norm")
+    click.echo(f"certified radius: median {np.median(radii):.4g}, max {radii.max():.4g}")
+    rows = [[e, f"{a:.3f}"] for e, a in out["certified_accuracy"].items()]
+    if rows:
+        click.echo(_table(rows, ["eps", "certified accuracy"]))
+    lip = out["lipschitz"]
+    click.echo(f"margin constants: {', '.join(sorted(set(lip['how'].values())))} (global bound {lip['global_bound']:.6g} by {lip['global_method']})")
+
+
+@main.command()
+@model_options
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="An .npz file with x and y: adds certified accuracy and radii.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The HTML file to write, e.g. reports/model.html.")
+@click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@friendly_errors
+def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, quiet: bool) -> None:
+    """Write a self-contained HTML report on MODEL: the interval [lower, upper], every method,
+    per-layer norms, the witness and, with --data, certified accuracy.
+
+    \b
+    Example:
+      lipcert report models/mlp_spiral.onnx --data models/spiral_test.npz -o reports/mlp_spiral.html
+    """
+    from .certify import certify as run_certify, load_dataset
+    from .report import collect, render
+
+    progress.set_quiet(quiet)
+    graph = _load(model, input_shape)
+    settings = Settings(norm=norm, seed=seed)
+    results, skipped = collect(graph, settings, progress.note)
+    cert = None
+    if data is not None:
+        x, y = load_dataset(data)
+        progress.note("certifying the data ...")
+        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm)
+    command = "lipcert report " + " ".join([model] + (["--data", data] if data else []) + ["-o", output] + (["--norm", norm] if norm != "2" else []) + (["--seed", str(seed)] if seed else []))
+    path = render(graph, results, output, command, skipped, cert, data_name=data or "", seed=seed)
+    click.echo(f"wrote {path}")

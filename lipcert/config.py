@@ -43,7 +43,7 @@ class Settings:
     sdp_variant: str = "neuron"
     device: str = "cpu"
     starts: int = 64  # lower-bound search starts
-    steps: int = 50  # lower-bound ascent steps
+    steps: int | None = None  # lower-bound ascent steps (None: 200 for dense networks, 50 with convolutions)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -51,7 +51,8 @@ class Settings:
         check_range("Settings", "seed", self.seed, 0)
         check_range("Settings", "iterations", self.iterations, 1)
         check_range("Settings", "starts", self.starts, 1)
-        check_range("Settings", "steps", self.steps, 0)
+        if self.steps is not None:
+            check_range("Settings", "steps", self.steps, 0)
         check_choice("Settings", "sdp_variant", self.sdp_variant, ("neuron", "layer"))
         check_choice("Settings", "device", self.device, ("cpu", "cuda", "auto"))
 

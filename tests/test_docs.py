@@ -34,3 +34,21 @@ def test_readme_setup_is_what_ci_runs():
     for part in install_and_run.split(" && "):
         assert part.strip() in ci, part
     assert tests.strip() in ci
+
+
+def test_readme_example_output_is_real():
+    """The numbers in the README's example are what the commands print today (times aside)."""
+    import json
+
+    example = README.split("<!-- example:bound -->", 1)[1].split("## Using lipcert", 1)[0]
+    res = CliRunner().invoke(main, ["bound", str(ROOT / "models" / "mlp_spiral.onnx"), "--method", "all", "--json"])
+    assert res.exit_code == 0, res.output
+    for r in json.loads(res.stdout)["results"]:
+        row = re.search(rf"^{r['method']}\s+{r['kind']}\s+l2\s+(\S+)", example, flags=re.M)
+        # 6 digits as printed; the searches and solvers may differ in the last one on another CPU
+        assert row and abs(float(row.group(1)) - r["value"]) <= 1e-4 * r["value"], (r["method"], r["value"])
+    args = ["certify", str(ROOT / "models" / "mlp_spiral.onnx"), "--data", str(ROOT / "models" / "spiral_test.npz"), "--eps", "0.01", "--eps", "0.02", "--eps", "0.05"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    for line in res.stdout.strip().splitlines():
+        assert line in example, line  # certify prints 3-4 digits: stable

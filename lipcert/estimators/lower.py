@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 KINKED = ("relu", "leaky_relu", "prelu", "clip")  # activations whose kinks the search smooths
-GAUSSIAN_SCALES = (0.5, 1.0, 3.0, 10.0)
+GAUSSIAN_SCALES = (0.1, 0.3, 1.0, 3.0, 10.0)
 WIDTHS = (1.0, 1e-3)  # smoothing width, relative to each node's input spread: first and last step
 LEARNING_RATE = 0.05  # Adam step, relative to each start's scale (decays to a tenth)
 PROPOSAL_SCALES = (0.3, 1e-3)  # random proposals around the best points, relative to their scale
@@ -289,6 +289,26 @@ def _chunk(graph: Graph, m: int, budget: int = 20_000_000) -> int:
     return max(1, budget // max(per_point * m, 1))
 
 
+DENSE_STEPS, CONV_STEPS = 200, 50
+
+
+def resolve_steps(graph: Graph, steps: int | None) -> int:
+    """Ascent steps: as given, or by default 200 for dense networks (cheap per step, and deep ReLU
+    MLPs keep climbing: 119 -> 236 on mnist-net_256x6 from 50 to 200 steps) and 50 with
+    convolutions or pooling."""
+    if steps is not None:
+        return steps
+    return CONV_STEPS if _has_conv(graph) else DENSE_STEPS
+
+
+def _screen_size(graph: Graph, m: int, starts: int, budget: float = 2e8) -> int:
+    """Points to screen: 16 per start (4 for large inputs), and more while a full Jacobian is
+    cheap (at most 4096), because ||J(x)|| of a deep ReLU net is heavy-tailed over random x."""
+    per_point = (sum(int(np.prod(n.out_shape)) for n in graph.nodes) + graph.input_dim) * max(m, 1)
+    base = (16 if graph.input_dim <= 64 else 4) * starts
+    return int(max(base, min(4096, budget // per_point)))
+
+
 # --- the search --------------------------------------------------------------------------------------
 def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Screen, climb, and return the best witness (x, y, t, value) and details of the run."""
@@ -300,11 +320,11 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
     g = graph_copy(graph, dtype, device)
     real = network(g)
     chunk = _chunk(graph, m)
-    starts, steps = settings.starts, settings.steps
+    starts, steps = settings.starts, resolve_steps(graph, settings.steps)
     timer = {"start": time.perf_counter()}
 
     # 1. screening
-    n_screen = (16 if graph.input_dim <= 64 else 4) * starts
+    n_screen = _screen_size(graph, m, starts)
     pool = starting_points(graph, n_screen, settings.seed).to(device, dtype)
     vals, _, us = exact_norms(real, pool, m, norm, chunk)
     order = torch.argsort(vals, descending=True)
@@ -420,7 +440,7 @@ def witness_pair(graph: Graph, x: torch.Tensor, v: torch.Tensor, norm: str) -> d
 
 
 # --- public API and registry -----------------------------------------------------------------------
-def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int = 50, seed: int = 0, device: str = "cpu",
+def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int | None = None, seed: int = 0, device: str = "cpu",
                 data: np.ndarray | str | Path | None = None, input_shape: tuple[int, ...] | None = None) -> Result:
     """A witnessed lower bound on the Lipschitz constant of ``model``.
 
@@ -428,7 +448,8 @@ def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int = 50, se
         model: path to an .onnx file, onnx.ModelProto, torch.nn.Module (with ``input_shape``) or Graph.
         norm: 2 or "inf" (the same vector norm on input and output).
         starts: points improved at once (4x as many, 16x for inputs of at most 64 numbers, are
-            screened first); steps: ascent steps; seed: random seed (results are reproducible).
+            screened first); steps: ascent steps (None: 200 for dense networks, 50 with convolutions
+            or pooling); seed: random seed (results are reproducible).
         device: "cpu", "cuda" (falls back to the CPU with a warning) or "auto".
         data: inputs to start from as well (an array in the input's shape, or an .npz file with ``x``).
         input_shape: the input shape, batch axis included, for torch modules or dynamic ONNX shapes.
@@ -446,7 +467,8 @@ def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int = 50, se
     from ..load import load
 
     for name, value, low in (("starts", starts, 1), ("steps", steps, 0), ("seed", seed, 0)):
-        check_range("lower_bound", name, value, low)
+        if value is not None or name != "steps":
+            check_range("lower_bound", name, value, low)
     check_choice("lower_bound", "device", device, ("cpu", "cuda", "auto"))
     s = Settings(norm=normalize_norm(norm, "lower_bound"), starts=starts, steps=steps, seed=seed, device=device)
     graph = model if isinstance(model, Graph) else load(model, input_shape)
@@ -497,7 +519,7 @@ class LowerSearch:
         return Result(
             method=self.name, kind="lower", norm=settings.norm, value=value, certified=False,
             time_s=time.perf_counter() - start,
-            settings={"starts": settings.starts, "steps": settings.steps, "seed": settings.seed, "device": settings.device,
+            settings={"starts": settings.starts, "steps": resolve_steps(graph, settings.steps), "seed": settings.seed, "device": settings.device,
                       "data": data is not None, "search_dtype": details["search_dtype"],
                       "smoothing": f"softplus / log-sum-exp over {WIDTHS[0]:g} -> {WIDTHS[1]:g} x each node's input spread, geometric",
                       "proposals": PROPOSALS, "learning_rate": LEARNING_RATE},

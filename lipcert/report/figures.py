@@ -1,0 +1,81 @@
+"""Matplotlib figures rendered to inline SVG strings (no external fonts or files)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+plt.rcParams.update({"svg.fonttype": "path", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+BLUE, ORANGE, GREY, GREEN = "#1f5fa8", "#d9822b", "#8a8f98", "#2e8b57"
+
+
+def _svg(fig: Any) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype
+
+
+def layer_norms(names: list[str], values: list[float], cumulative: list[float | None]) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    xs = range(len(values))
+    ax.bar(xs, values, color=BLUE, label="layer norm")
+    cum = [c if c is not None else float("nan") for c in cumulative]
+    ax.plot(xs, cum, color=ORANGE, marker="o", ms=3, label="bound so far")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), [n[-18:] for n in names], rotation=40, ha="right", fontsize=7)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_ylabel("Lipschitz bound")
+    return _svg(fig)
+
+
+def methods(rows: list[dict[str, Any]], lower: float | None) -> str:
+    """Horizontal bars per method, value labels at the bar ends; a log axis (from the smallest
+    value down a bit) only when the values span more than a factor 30, else a linear axis from 0."""
+    rows = [r for r in rows if r["value"] is not None]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 0.9))
+    if not rows:
+        return _svg(fig)
+    colors = {"upper": BLUE, "estimate": GREY, "lower": GREEN}
+    values = [r["value"] for r in rows]
+    log = max(values) > 30 * max(min(values), 1e-300)
+    ys = list(range(len(rows)))
+    left = min(values) / 3 if log else 0.0
+    ax.barh(ys, [v - left for v in values], left=left, color=[colors[r["kind"]] for r in rows])
+    for y, v in zip(ys, values):
+        ax.text(v, y, f" {v:.4g}", va="center", fontsize=8)
+    ax.set_yticks(ys, [f"{r['method']} ({'proven' if r['certified'] else r['kind']})" for r in rows])
+    if log:
+        ax.set_xscale("log")
+    if lower:
+        ax.axvline(lower, color=GREEN, ls="--", lw=1)
+    ax.set_xlim(left, max(values) * (3 if log else 1.15))
+    ax.invert_yaxis()
+    ax.set_xlabel("value" + (" (log scale)" if log else ""))
+    return _svg(fig)
+
+
+def accuracy_curve(radius: list[float], acc: list[float], global_acc: list[float] | None = None) -> str:
+    fig, ax = plt.subplots(figsize=(5.2, 3.0))
+    ax.plot(radius, acc, color=BLUE, label="pairwise constants")
+    if global_acc is not None:
+        ax.plot(radius, global_acc, color=GREY, ls="--", label="global constant only")
+    ax.set_xlabel("radius")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(frameon=False, fontsize=8)
+    return _svg(fig)
+
+
+def radius_histogram(radii: list[float]) -> str:
+    fig, ax = plt.subplots(figsize=(5.2, 3.0))
+    ax.hist(radii, bins=30, color=BLUE)
+    ax.set_xlabel("certified radius")
+    ax.set_ylabel("points")
+    return _svg(fig)

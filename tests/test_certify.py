@@ -1,0 +1,182 @@
+"""Certified radii: exact on linear classifiers, never beaten by an attack, pairwise never worse
+than the global constant; `lipcert certify` with JSON and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lipcert
+from lipcert.certify import certified_radius, certify, pairwise_constants
+from lipcert.cli import main
+from conftest import MODELS
+
+DUAL = {"2": 2, "inf": 1}
+
+
+def linear_classifier(seed: int = 0, n_in: int = 4, k: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(n_in, k).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(k, n_in, generator=gen, dtype=torch.float64))
+        layer.bias.copy_(torch.randn(k, generator=gen, dtype=torch.float64))
+    return layer
+
+
+@pytest.mark.parametrize("norm", ["2", "inf"])
+@pytest.mark.parametrize("method", ["naive", "sdp"])
+def test_linear_classifier_radius_is_the_distance_to_the_decision_boundary(norm, method):
+    layer = linear_classifier()
+    graph = lipcert.load(torch.nn.Sequential(layer.float()), (1, 4))
+    W = layer.weight.detach().double().numpy()
+    bias = layer.bias.detach().double().numpy()
+    x = np.random.default_rng(1).normal(size=(40, 4))
+    certs = certified_radius(graph, x, norm=norm, method=method)
+    for xi, r, y in zip(x, certs.radii, certs.predicted):
+        logits = W @ xi + bias
+        # the exact distance to the boundary of class y in the given norm: over the competing
+        # classes, the margin divided by the dual norm of the row difference
+        exact = min((logits[y] - logits[j]) / np.linalg.norm(W[y] - W[j], DUAL[norm]) for j in range(3) if j != y)
+        assert r <= exact * (1 + 1e-7)  # sound: never beyond the boundary
+        assert r >= exact * (1 - 1e-6)  # and tight: it is the exact distance
+    assert (certs.radii >= certs.global_radii * (1 - 1e-12)).all()
+
+
+def test_misclassified_points_get_radius_zero():
+    layer = linear_classifier(seed=2)
+    graph = lipcert.load(torch.nn.Sequential(layer.float()), (1, 4))
+    x = np.random.default_rng(3).normal(size=(30, 4))
+    predicted = certified_radius(graph, x).predicted
+    wrong = (predicted + 1) % 3
+    labels = np.where(np.arange(30) % 2 == 0, predicted, wrong)
+    certs = certified_radius(graph, x, labels)
+    assert (certs.radii[labels != predicted] == 0).all()
+    assert (certs.radii[labels == predicted] > 0).all()
+    out = certify(graph, x, labels, [0.0])
+    assert out["clean_accuracy"] == pytest.approx(0.5)
+    assert all(p["certified"] is (p["label"] == p["predicted"]) for p in out["points"])
+    with pytest.raises(lipcert.InputError, match="labels must lie in"):
+        certified_radius(graph, x, np.full(30, 7))
+    with pytest.raises(lipcert.InputError, match="labels for"):
+        certified_radius(graph, x, labels[:3])
+
+
+@pytest.fixture(scope="module")
+def spiral():
+    graph = lipcert.load(MODELS / "mlp_spiral.onnx")
+    data = np.load(MODELS / "spiral_test.npz")
+    return graph, data["x"], data["y"]
+
+
+def test_pairwise_constants_are_at_most_the_global_fallback(spiral):
+    graph, _, _ = spiral
+    for method in ("naive", "sdp"):
+        c = pairwise_constants(graph, "2", method)
+        off = ~np.eye(c.matrix.shape[0], dtype=bool)
+        assert (c.matrix[off] <= math.sqrt(2) * c.global_bound * (1 + 1e-12)).all()
+        assert (c.matrix[off] > 0).all() and np.allclose(c.matrix, c.matrix.T)
+    sdp = pairwise_constants(graph, "2", "sdp")
+    assert "LipSDP pairwise" in sdp.how.values() and sdp.global_method == "sdp"
+    # a pair's constant is still at least what a witnessed search finds for that margin
+    lower = lipcert.lower_bound(graph, starts=16, steps=10).value
+    assert sdp.global_bound >= lower
+
+
+def _pgd(graph, x, y, radius, norm, steps=60):
+    """Projected gradient ascent on the largest competing margin within the ball: True where a
+    class change was found."""
+    x0 = torch.as_tensor(x, dtype=torch.float64).reshape(len(x), *graph.input_shape)
+    r = torch.as_tensor(radius, dtype=torch.float64).view(-1, *[1] * (x0.dim() - 1))
+    gen = torch.Generator().manual_seed(0)
+    delta = (torch.rand(x0.shape, generator=gen, dtype=torch.float64) * 2 - 1) * r * 0.5
+    labels = torch.as_tensor(y)
+    flipped = torch.zeros(len(x), dtype=torch.bool)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = graph.forward(x0 + delta).reshape(len(x), -1)
+        flipped |= logits.argmax(1) != labels
+        own = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+        other = logits.masked_fill(torch.nn.functional.one_hot(labels, logits.shape[1]).bool(), -math.inf).max(1).values
+        (g,) = torch.autograd.grad((other - own).sum(), delta)
+        with torch.no_grad():
+            if norm == "2":
+                step = g / g.flatten(1).norm(dim=1).clamp_min(1e-30).view_as(r)
+                delta = delta + 0.1 * r * step
+                delta = delta * torch.clamp(r / delta.flatten(1).norm(dim=1).clamp_min(1e-30).view_as(r), max=1.0)
+            else:
+                delta = torch.maximum(torch.minimum(delta + 0.1 * r * g.sign(), r), -r)
+    with torch.no_grad():
+        flipped |= graph.forward(x0 + delta).reshape(len(x), -1).argmax(1) != labels
+    return flipped.numpy()
+
+
+@pytest.mark.parametrize("norm", ["2", "inf"])
+def test_no_attack_flips_a_certified_point(spiral, norm):
+    graph, x, y = spiral
+    certs = certified_radius(graph, x, y, norm=norm)
+    ok = certs.radii > 0
+    assert ok.sum() > 100
+    assert not _pgd(graph, x[ok], y[ok], certs.radii[ok], norm).any()
+    # the attack is real: given a larger ball it does flip points
+    assert _pgd(graph, x[ok], y[ok], np.maximum(certs.radii[ok] * 20, 0.2), norm).mean() > 0.2
+
+
+def test_pairwise_radii_never_below_the_global_ones(spiral):
+    graph, x, y = spiral
+    certs = certified_radius(graph, x, y, norm="2", method="sdp")
+    ok = certs.radii > 0
+    assert (certs.radii[ok] >= certs.global_radii[ok] * (1 - 1e-12)).all()
+    assert np.median(certs.radii[ok] / certs.global_radii[ok]) > 1.0  # and in fact larger
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["certify", *map(str, args)])
+
+
+def test_cli_certify_json(spiral):
+    res = run(MODELS / "mlp_spiral.onnx", "--data", MODELS / "spiral_test.npz", "--eps", "0.02", "--eps", "0.01", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert set(out["certified_accuracy"]) == {"0.01", "0.02"}
+    assert 0 < out["certified_accuracy"]["0.02"] <= out["certified_accuracy"]["0.01"] <= out["clean_accuracy"] <= 1
+    p = out["points"][0]
+    assert set(p) >= {"index", "label", "predicted", "radius", "certified"}
+    assert len(out["points"]) == len(spiral[1])
+    assert out["lipschitz"]["global_method"] == "sdp" and len(out["lipschitz"]["pairwise"]) == 3
+    assert len(out["curve"]["radius"]) == len(out["curve"]["certified_accuracy"])
+
+
+def test_cli_certify_table_and_bad_input(tmp_path):
+    res = run(MODELS / "cnn_bars.onnx", "--data", MODELS / "bars_test.npz", "--eps", "0.01", "--norm", "inf", "--method", "naive")
+    assert res.exit_code == 0, res.output
+    assert "certified accuracy" in res.stdout and "naive pairwise" in res.stdout
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, inputs=np.zeros((3, 2)))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
+    assert res.exit_code == 1 and "no array 'x'" in res.output and "Traceback" not in res.output
+    np.savez(bad, x=np.zeros((3, 2)), y=np.array([0.5, 1, 2]))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
+    assert res.exit_code == 1 and "integer label" in res.output
+    np.savez(bad, x=np.zeros((3, 5)), y=np.array([0, 1, 2]))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
+    assert res.exit_code == 1 and "do not fit" in res.output and "(N, 1, 2) or (N, 2)" in res.output
+    np.savez(bad, x=np.zeros((3, 4)), y=np.array([0, 1, 2]))  # 12 numbers: would reshape, must not
+    res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
+    assert res.exit_code == 1 and "do not fit" in res.output
+    np.savez(bad, x=np.full((3, 2), np.nan), y=np.array([0, 1, 2]))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
+    assert res.exit_code == 1 and "NaN" in res.output
+    res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "missing.npz")
+    assert res.exit_code == 1 and "not found" in res.output
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "junk.npz")
+    assert res.exit_code == 1 and "could not read" in res.output
+    res = run(MODELS / "mlp_spiral.onnx", "--data", MODELS / "spiral_test.npz", "--eps", "-1")
+    assert res.exit_code == 2 and "radii must be >= 0" in res.output
+    res = run(MODELS / "mlp_spiral.onnx")
+    assert res.exit_code == 2 and "--data" in res.output

@@ -1,0 +1,130 @@
+"""HTML reports: self-contained, escaped, and rendered by a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lipcert.cli import main
+from conftest import MODELS
+
+EXTERNAL = [
+    re.compile(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:|//|file:|ftp:)""", re.I),
+    re.compile(r"""url\(\s*["']?\s*(?:https?:|//)""", re.I),
+    re.compile(r"@import", re.I),
+    re.compile(r"<(?:link|iframe|object|embed)\b", re.I),
+    re.compile(r"<script\b[^>]*\bsrc\s*=", re.I),
+]
+
+
+@pytest.fixture(scope="module")
+def spiral_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "mlp_spiral.html"
+    res = CliRunner().invoke(main, ["report", str(MODELS / "mlp_spiral.onnx"), "--data", str(MODELS / "spiral_test.npz"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert str(out) in res.stdout
+    return out
+
+
+def test_report_answers_first_and_has_every_section(spiral_report):
+    html = spiral_report.read_text()
+    m = re.search(r'<div class="interval">([\d.]+) \u2264 L \u2264 ([\d.]+)</div>', html)
+    assert m, "the interval [lower, upper] is the first thing in the report"
+    low, up = map(float, m.groups())
+    assert 0 < low < up
+    assert html.index('class="interval"') < html.index("<h2>Methods</h2>")
+    for text in ("Proven: for all inputs", "(best proven)", "estimate, not a bound", "witnessed lower bound",
+                 "Per-layer norms", "Witness of the lower bound", "Certified robustness", "Reproduce",
+                 "lipcert report", "sha256 5b48", "seed 0", "torch "):
+        assert text in html, text
+    assert html.count("<svg") == 4  # methods, layers, certified accuracy curve, radius histogram
+
+
+def test_report_has_no_external_resource(spiral_report):
+    html = spiral_report.read_text()
+    for pattern in EXTERNAL:
+        assert not pattern.search(html), pattern.pattern
+
+
+def test_model_name_with_html_characters_is_escaped(tmp_path):
+    evil = tmp_path / "<img src=x onerror=alert(1)>.onnx"
+    shutil.copy(MODELS / "mlp_spiral.onnx", evil)
+    out = tmp_path / "evil.html"
+    from lipcert import load
+    from lipcert.config import Settings
+    from lipcert.report import collect, render
+
+    graph = load(evil)
+    results, skipped = collect(graph, Settings(), None)
+    render(graph, [r for r in results if r.method != "lower"], out, command=f"lipcert report {evil}", skipped=skipped)
+    html = out.read_text()
+    assert "<img src=x" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;.onnx" in html
+
+
+def test_report_without_a_proven_bound_says_so(tmp_path):
+    from lipcert import load
+    from lipcert.report import render
+
+    graph = load(MODELS / "mlp_spiral.onnx")
+    html = render(graph, [], tmp_path / "empty.html").read_text()
+    assert "no proven bound" in html
+
+
+def test_report_bad_flags():
+    res = CliRunner().invoke(main, ["report", str(MODELS / "mlp_spiral.onnx")])
+    assert res.exit_code == 2 and "--output" in res.output
+    res = CliRunner().invoke(main, ["report", str(MODELS / "missing.onnx"), "-o", "x.html"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+
+
+# --- a real browser -------------------------------------------------------------------------------
+def _find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium; installed here with apt-get when missing (root only), else a skip."""
+    path = _find_chromium()
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900)
+        path = _find_chromium()
+    if path is None:
+        pytest.skip("headless Chromium is not installed and could not be installed with apt-get (needs root and Debian's package index)")
+    return path
+
+
+def _headless(chromium: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_report_renders_in_headless_chromium(spiral_report, chromium, tmp_path):
+    url = spiral_report.resolve().as_uri()
+    dom = _headless(chromium, "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Lipschitz report: mlp_spiral.onnx" in dom.stdout and "\u2264 L \u2264" in dom.stdout
+    shot = tmp_path / "shot.png"
+    res = _headless(chromium, "--window-size=1100,2600", f"--screenshot={shot}", url)
+    assert shot.exists(), res.stderr[-2000:]
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[:2] == (2600, 1100)
+    # the answer box and the plots are drawn: the report's blue (#1f5fa8) covers a visible area
+    blue = (abs(img - np.array([0x1F, 0x5F, 0xA8])).sum(2) < 30).mean()
+    assert blue > 0.01, blue
+    assert img.std() > 20  # not a blank page
