@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -28,9 +27,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmark the lipcert of this tree (e.g. a snapshot), not another install
+sys.path.insert(0, str(ROOT))  # benchmark the lipcert of this tree, not another install
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_md import write_section  # noqa: E402
 MODELS = ROOT.parent / "shared" / "models"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 DEFAULT_JSON = Path("/tmp/lipcert_bench_sdp_scale.json")
 SECTION = "## LipSDP at scale"
 GENERIC = ["SDPA", "CVXOPT", "CLARABEL"]
@@ -331,23 +331,6 @@ def render(results: dict) -> str:
     return "\n".join(out)
 
 
-def write_section(text: str) -> None:
-    header = (
-        "# Benchmark results\n\nMachine: the project's standard machine (2 CPU cores, 24 GiB memory, no GPU), Python 3.11.7,\n"
-        "torch 2.13.0+cpu, cvxpy 1.9.3. Date: 2026-11-24. Each section names the script that produced it;\n"
-        "re-run it to reproduce. Ratios are computed within one run on the same machine.\n"
-    )
-    current = RESULTS_MD.read_text() if RESULTS_MD.exists() else header
-    if SECTION in current:
-        start = current.index(SECTION)
-        nxt = current.find("\n## ", start + len(SECTION))
-        end = len(current) if nxt < 0 else nxt + 1
-        current = current[:start] + text.rstrip() + "\n" + ("\n" if nxt >= 0 else "") + current[end:]
-    else:
-        current = current.rstrip() + "\n\n" + text.rstrip() + "\n"
-    RESULTS_MD.write_text(current)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -370,7 +353,7 @@ def main() -> None:
     if args.no_write:
         print(text)
     else:
-        write_section(text)
+        write_section(SECTION, text)
         print(text)
 
 
