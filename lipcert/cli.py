@@ -102,6 +102,10 @@ def main() -> None:
       lipcert info models/mlp_spiral.onnx          what lipcert sees in the model
       lipcert bound models/mlp_spiral.onnx         a proven l2 upper bound
       lipcert bound model.onnx --norm inf --json   the linf bound, as JSON
+      lipcert bound model.onnx --method all        every method, best proven bound marked
+      lipcert lower model.onnx                     a witnessed lower bound (two inputs)
+      lipcert certify model.onnx --data test.npz   certified radii and accuracy
+      lipcert report model.onnx -o report.html     everything, as one HTML file
       lipcert ops                                  the ONNX ops lipcert can bound
     """
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import progress
 from ..config import Settings
 from ..errors import InputError
 from ..graph import Activation, Affine, Graph, Node
@@ -451,20 +452,23 @@ def pairwise_lipschitz(graph: Graph, pairs: list[tuple[int, int]], settings: Set
                 return {pair: None for pair in pairs}
             bounds[s.nodes[-1].name] = (solved.value, "LipSDP")
     out: dict[tuple[int, int], float | None] = {}
-    for y, j in pairs:
-        if (j, y) in out:
-            out[(y, j)] = out[(j, y)]
-            continue
-        if y == j:
-            out[(y, j)] = 0.0
-            continue
-        row = np.atleast_2d(W[y] - W[j])
-        if out_section.problem is None:
-            value: float | None = float(np.linalg.norm(row)) * (1.0 + SAFETY)
-        else:
-            value = solve_problem(out_section.problem.with_last(row), settings).value
-        if value is None:
-            out[(y, j)] = None
-            continue
-        out[(y, j)] = _compose(merged, sections, {**bounds, last.name: (value, "pairwise")})[0]
+    with progress.bar("pairwise LipSDP", len(pairs)) as bar:
+        for done, (y, j) in enumerate(pairs, 1):
+            bar.update(done - 1)
+            if (j, y) in out:
+                out[(y, j)] = out[(j, y)]
+                continue
+            if y == j:
+                out[(y, j)] = 0.0
+                continue
+            row = np.atleast_2d(W[y] - W[j])
+            if out_section.problem is None:
+                value: float | None = float(np.linalg.norm(row)) * (1.0 + SAFETY)
+            else:
+                value = solve_problem(out_section.problem.with_last(row), settings).value
+            if value is None:
+                out[(y, j)] = None
+                continue
+            out[(y, j)] = _compose(merged, sections, {**bounds, last.name: (value, "pairwise")})[0]
+        bar.update(len(pairs))
     return out
