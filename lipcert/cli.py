@@ -124,10 +124,12 @@ def _method_names() -> list[str]:
 @click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Iterations of power / Gram iteration.")
 @click.option("--solver", default=None, help="Solver for --method sdp: a cvxpy solver name (see `lipcert methods`) or lipcert-fast; default: lipcert-fast, else the fastest installed (SDPA, CVXOPT, CLARABEL, SCS).")
 @click.option("--sdp-variant", type=click.Choice(["neuron", "layer"]), default="neuron", show_default=True, help="LipSDP multipliers: one per neuron or one per layer.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Stop lipcert-fast after this long per LipSDP section; its multipliers so far are still verified, so the bound stays proven (only looser). Default: none.")
 @click.option("--layers", is_flag=True, help="Also print the per-layer norms and their running product.")
 @output_options
 @friendly_errors
-def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, layers: bool, as_json: bool, quiet: bool) -> None:
+def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, time_limit: float | None, layers: bool, as_json: bool, quiet: bool) -> None:
     """Bound the Lipschitz constant of MODEL (an .onnx file).
 
     A value marked 'proven' is a mathematical upper bound on the Lipschitz constant
@@ -138,12 +140,14 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
       lipcert bound models/mlp_spiral.onnx
       lipcert bound models/cnn_bars.onnx --norm inf --layers
       lipcert bound model.onnx --method all --json
+      lipcert bound model.onnx --method sdp --time-limit 60
     """
     from .estimators import ESTIMATORS, estimate
 
     progress.set_quiet(quiet or as_json)
     graph = _load(model, input_shape)
-    settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant)
+    settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant,
+                        extra={"fast_time_limit": time_limit} if time_limit else {})
     skipped: dict[str, str] = {}
     if method == "all":
         for n, e in ESTIMATORS.items():

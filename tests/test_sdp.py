@@ -332,3 +332,18 @@ def test_property_verified_sdp_above_sampled_lower_bound(widths, act, solver, va
         return
     assert r.certified
     assert sampled_lower(graph, n=120, seed=seed) <= r.value <= lipcert.bound(graph).value * (1 + 1e-9)
+
+
+def test_time_limit_stops_early_with_a_proven_looser_bound():
+    graph = lipcert.load(SHARED_MODELS / "vnncomp2021" / "ACASXU_run2a_1_1_batch_2000.onnx")
+    full = lipcert.bound(graph, method="sdp")
+    cut = ESTIMATORS["sdp"].run(graph, Settings(extra={"fast_time_limit": 1e-6}))
+    (section,) = cut.details["sections"]
+    assert section["solver_status"] == "time_limit" and cut.certified
+    assert cut.value >= full.value * (1 - 1e-9)  # a stop never makes it tighter than the optimum
+    assert cut.value <= lipcert.bound(graph, method="naive").value
+    assert any("time_limit" in w for w in cut.warnings)
+    res = CliRunner().invoke(main, ["bound", str(SPIRAL), "--method", "sdp", "--time-limit", "0"])
+    assert res.exit_code == 2 and "--time-limit" in res.output
+    res = CliRunner().invoke(main, ["bound", str(SPIRAL), "--method", "sdp", "--time-limit", "30", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["results"][0]["settings"]["time_limit"] == 30

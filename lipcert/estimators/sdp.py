@@ -231,12 +231,12 @@ def solve_problem(problem: LipSDPProblem, settings: Settings) -> Solved:
     opts = dict(settings.extra.get("solver_opts", {}))
     forced = check_solver(settings.solver)
     if forced is not None:
-        out = _attempt(problem, variant, forced, opts)
+        out = _attempt(problem, variant, forced, _fast_opts(opts, settings) if forced == FAST else opts)
         out.attempts = [_attempt_record(out)]
         return out
     attempts: list[Solved] = []
     if fast_solver_available():
-        attempts.append(_attempt(problem, variant, FAST, opts))
+        attempts.append(_attempt(problem, variant, FAST, _fast_opts(opts, settings)))
     if not attempts or attempts[-1].value is None:
         generic = default_solver()
         if problem.dim <= CVXPY_MAX_DIM:
@@ -249,6 +249,12 @@ def solve_problem(problem: LipSDPProblem, settings: Settings) -> Solved:
     out.attempts = [_attempt_record(a) for a in attempts]
     out.time_s = sum(a.time_s for a in attempts)
     return out
+
+
+def _fast_opts(opts: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """lipcert-fast's options, with the user's time limit (``--time-limit``) when one is set."""
+    limit = settings.extra.get("fast_time_limit")
+    return {**opts, "time_limit": float(limit)} if limit and "time_limit" not in opts else opts
 
 
 def _attempt_record(s: Solved) -> dict[str, Any]:
@@ -369,7 +375,7 @@ class LipSDP:
             raise InputError(reason, graph.source)
         label = solver_label(settings)
         run_settings = {"norm": "2", "variant": settings.sdp_variant, "solver": label, "safety_margin": SAFETY,
-                        "solver_opts": dict(settings.extra.get("solver_opts", {}))}
+                        "solver_opts": dict(settings.extra.get("solver_opts", {})), "time_limit": settings.extra.get("fast_time_limit")}
         bounds: dict[str, tuple[float, str]] = {}
         records: list[dict[str, Any]] = []
         failures: list[tuple[Section, Solved]] = []
