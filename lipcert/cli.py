@@ -13,7 +13,7 @@ import numpy as np
 from . import progress
 from .config import NORMS, Settings
 from .errors import LipcertError
-from .result import Result
+from .result import Result, best_proven
 
 
 def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -142,33 +142,18 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
       lipcert bound model.onnx --method all --json
       lipcert bound model.onnx --method sdp --time-limit 60
     """
-    from .estimators import ESTIMATORS, estimate
+    from .estimators import estimate, estimate_all
 
     progress.set_quiet(quiet or as_json)
     graph = _load(model, input_shape)
     settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant,
                         extra={"fast_time_limit": time_limit} if time_limit else {})
-    skipped: dict[str, str] = {}
     if method == "all":
-        for n, e in ESTIMATORS.items():
-            reason = e.accepts(graph, settings)
-            if reason is not None:
-                skipped[n] = reason
-        names = [n for n in ESTIMATORS if n not in skipped]
+        results, skipped = estimate_all(graph, settings, progress.note)
     else:
-        names = [method]
-    results = []
-    for name in names:
-        progress.note(f"running {name} ...")
-        try:
-            results.append(estimate(graph, name, settings))
-        except LipcertError as exc:
-            if method != "all":
-                raise
-            # one failed method must not take the others down: it becomes a failed row
-            kind = ESTIMATORS[name].kind
-            results.append(Result(name, kind, settings.norm, None, False, 0.0, status=f"error: {exc.message()}", model=model, sha256=graph.sha256))
-    best = best_upper(results)
+        progress.note(f"running {method} ...")
+        results, skipped = [estimate(graph, method, settings)], {}
+    best = getattr(best_proven(results), "method", None)
     if as_json:
         rows = [{**r.to_dict(), "best": r.method == best} for r in results]
         click.echo(json.dumps({"model": model, "sha256": graph.sha256, "best_upper": best, "results": rows, "skipped": skipped}))
@@ -180,12 +165,6 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     if method != "all" and results[0].value is None:
         click.echo(f"Error: {method} gave no bound: {results[0].status}. What to do: try another --solver or --method naive.", err=True)
         sys.exit(1)
-
-
-def best_upper(results: list[Result]) -> str | None:
-    """The method with the smallest proven upper bound, if any."""
-    proven = [r for r in results if r.kind == "upper" and r.certified and r.value is not None]
-    return min(proven, key=lambda r: r.value).method if proven else None
 
 
 @main.command()

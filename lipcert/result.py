@@ -81,3 +81,9 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def best_proven(results: list[Result]) -> Result | None:
+    """The result with the smallest proven upper bound, if any."""
+    proven = [r for r in results if r.kind == "upper" and r.certified and r.value is not None]
+    return min(proven, key=lambda r: r.value) if proven else None

@@ -11,7 +11,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from ..config import Settings
 from ..graph import Graph
-from ..result import Result
+from ..result import Result, best_proven
 from . import figures
 
 
@@ -27,18 +27,10 @@ def versions() -> dict[str, str]:
 
 def collect(graph: Graph, settings: Settings, note: Any = None) -> tuple[list[Result], list[tuple[str, str]]]:
     """Run every registered method that applies; return the results and the skipped methods."""
-    from ..estimators import ESTIMATORS, estimate
+    from ..estimators import estimate_all
 
-    results, skipped = [], []
-    for name, est in ESTIMATORS.items():
-        reason = est.accepts(graph, settings)
-        if reason is not None:
-            skipped.append((name, reason))
-            continue
-        if note:
-            note(f"running {name} ...")
-        results.append(estimate(graph, name, settings))
-    return results, skipped
+    results, skipped = estimate_all(graph, settings, note)
+    return results, list(skipped.items())
 
 
 def _short(arr: Any, n: int = 12) -> str:
@@ -51,9 +43,8 @@ def render(graph: Graph, results: list[Result], path: str | Path, command: str =
            certificates: dict[str, Any] | None = None, data_name: str = "", seed: int = 0) -> Path:
     """Write one self-contained HTML file (plots inline as SVG, no external resources)."""
     env = Environment(loader=PackageLoader("lipcert.report", "templates"), autoescape=select_autoescape(["html", "jinja"]))
-    proven = [r for r in results if r.kind == "upper" and r.certified and r.value is not None]
     lowers = [r for r in results if r.kind == "lower" and r.value is not None]
-    best = min(proven, key=lambda r: r.value) if proven else None
+    best = best_proven(results)
     low = max(lowers, key=lambda r: r.value) if lowers else None
     norm = results[0].norm if results else "2"
     if best and low:
