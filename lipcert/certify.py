@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import Settings, check_choice, normalize_norm
+from .data import input_batch, load_npz
 from .errors import InputError
 from .estimators import estimate
 from .estimators.base import SAFETY
@@ -139,20 +140,6 @@ class Certificates:
         return self.radii if dtype is None else self.radii.astype(dtype)
 
 
-def _inputs(graph: Graph, x: Any) -> torch.Tensor:
-    """A batch (N, *input_shape): each row of ``x`` must hold exactly one input (a single 1-D
-    input of the right size is taken as a batch of one)."""
-    arr = np.asarray(x, dtype=np.float64)
-    if arr.ndim == 1 and arr.size == graph.input_dim:
-        arr = arr[None]
-    if arr.ndim < 2 or int(np.prod(arr.shape[1:])) != graph.input_dim:
-        raise InputError(f"inputs of shape {list(arr.shape)} do not fit the model's input shape {list(graph.input_shape)}", graph.source,
-                         f"give an array of shape (N, {', '.join(map(str, graph.input_shape))}) or (N, {graph.input_dim})")
-    if not np.isfinite(arr).all():
-        raise InputError("the inputs contain NaN or infinite values", graph.source, "give finite inputs")
-    return torch.from_numpy(arr.reshape(-1, *graph.input_shape))
-
-
 def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, method: str = "sdp",
                      input_shape: tuple[int, ...] | None = None, constants: PairwiseConstants | None = None) -> Certificates:
     """Certified radii for a batch of inputs ``x`` (shape (N, *input_shape)).
@@ -166,7 +153,7 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
 
     graph = model if isinstance(model, Graph) else load(model, input_shape)
     norm = normalize_norm(norm, "certified_radius")
-    xs = _inputs(graph, x)
+    xs = torch.from_numpy(input_batch(graph, x))
     consts = constants or pairwise_constants(graph, norm, method)
     with torch.no_grad():
         logits = graph.forward(xs).reshape(len(xs), -1).numpy()
@@ -190,21 +177,8 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
 
 def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """An .npz file with inputs ``x`` and integer labels ``y``."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"data file not found: {p}", None, "give an .npz file with arrays x and y")
-    try:
-        npz = np.load(p)
-    except Exception as exc:
-        raise InputError(f"could not read {p.name} as an .npz file ({exc})", str(p), "save the data with numpy.savez(path, x=..., y=...)") from None
-    with npz:
-        missing = [k for k in ("x", "y") if k not in npz.files]
-        if missing:
-            raise InputError(f"{p.name} has no array {' or '.join(repr(m) for m in missing)} (it has: {', '.join(npz.files) or 'nothing'})",
-                             str(p), "save the data with numpy.savez(path, x=inputs, y=labels)")
-        x, y = np.asarray(npz["x"], np.float64), np.asarray(npz["y"])
-    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
-        raise InputError(f"{p.name}: y must be one integer label per input (x has {len(x)} rows, y has shape {y.shape})", str(p), "check the arrays")
+    x, y = load_npz(path, labels=True)
+    assert y is not None
     return x, y
 
 

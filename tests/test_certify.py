@@ -164,10 +164,10 @@ def test_cli_certify_table_and_bad_input(tmp_path):
     assert res.exit_code == 1 and "integer label" in res.output
     np.savez(bad, x=np.zeros((3, 5)), y=np.array([0, 1, 2]))
     res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
-    assert res.exit_code == 1 and "do not fit" in res.output and "(N, 1, 2) or (N, 2)" in res.output
+    assert res.exit_code == 1 and "does not fit" in res.output and "(N, 1, 2) or (N, 2)" in res.output
     np.savez(bad, x=np.zeros((3, 4)), y=np.array([0, 1, 2]))  # 12 numbers: would reshape, must not
     res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
-    assert res.exit_code == 1 and "do not fit" in res.output
+    assert res.exit_code == 1 and "does not fit" in res.output
     np.savez(bad, x=np.full((3, 2), np.nan), y=np.array([0, 1, 2]))
     res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
     assert res.exit_code == 1 and "NaN" in res.output

@@ -100,6 +100,10 @@ def test_user_data_starts(tmp_path):
     assert r.settings["data"] is True and r.value > 0
     with pytest.raises(lipcert.InputError, match="does not fit"):
         lipcert.lower_bound(MODELS / "mlp_spiral.onnx", data=np.zeros((3, 5)), **FAST)
+    with pytest.raises(lipcert.InputError, match="does not fit"):  # 12 numbers: must not be read as 6 inputs
+        lipcert.lower_bound(MODELS / "mlp_spiral.onnx", data=np.zeros((3, 4)), **FAST)
+    with pytest.raises(lipcert.InputError, match="empty"):
+        lipcert.lower_bound(MODELS / "mlp_spiral.onnx", data=np.zeros((0, 2)), **FAST)
     with pytest.raises(lipcert.InputError, match="'starts' parameter of lower_bound"):
         lipcert.lower_bound(MODELS / "mlp_spiral.onnx", starts=0)
     with pytest.raises(lipcert.InputError, match="'norm' parameter of lower_bound"):

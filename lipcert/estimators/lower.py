@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from .. import progress
 from ..config import Settings
+from ..data import input_batch, load_npz
 from ..errors import InputError
 from ..graph import Activation, Affine, Graph, MaxPool
 from ..graph.linear import AvgPool, Composed, Conv
@@ -473,24 +474,8 @@ def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int | None =
     s = Settings(norm=normalize_norm(norm, "lower_bound"), starts=starts, steps=steps, seed=seed, device=device)
     graph = model if isinstance(model, Graph) else load(model, input_shape)
     if isinstance(data, (str, Path)):
-        data = load_inputs(data)
+        data = load_npz(data, labels=False)[0]
     return LowerSearch().run(graph, s, data)
-
-
-def load_inputs(path: str | Path) -> np.ndarray:
-    """The array ``x`` of an .npz file, in float64."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"data file not found: {p}", None, "give an .npz file with an array 'x'")
-    try:
-        with np.load(p) as npz:
-            if "x" not in npz:
-                raise InputError(f"{p.name} has no array 'x' (it has: {', '.join(npz.files) or 'nothing'})", str(p), "save the inputs as x=... in the .npz file")
-            return np.asarray(npz["x"], np.float64)
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"could not read {p.name} as an .npz file ({exc})", str(p), "give an .npz file written by numpy.savez") from None
 
 
 @register
@@ -505,10 +490,7 @@ class LowerSearch:
     def run(self, graph: Graph, settings: Settings, data: np.ndarray | None = None) -> Result:
         start = time.perf_counter()
         if data is not None:
-            data = np.asarray(data, np.float64)
-            if data.size == 0 or data.size % graph.input_dim or not np.isfinite(data).all():
-                raise InputError(f"data of shape {data.shape} does not fit the input shape {list(graph.input_shape)} (or is empty or not finite)", graph.source,
-                                 "give finite inputs whose shape is (N, *input_shape) or (N, number of inputs)")
+            data = input_batch(graph, data)
         best, details = search(graph, settings, data)
         witness = {"x": best["x"].tolist(), "y": best["y"].tolist(), "t": best["t"], "direction_norm": 1.0, "norm": settings.norm}
         value = check_witness(graph, witness, best["value"], settings.norm)
