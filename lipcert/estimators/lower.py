@@ -284,10 +284,14 @@ def _power_direction(graph: Graph, seed: int) -> torch.Tensor | None:
         return None
 
 
+def _numbers_per_point(graph: Graph) -> int:
+    """Numbers one forward pass holds per input point (the input and every node's output)."""
+    return sum(int(np.prod(n.out_shape)) for n in graph.nodes) + graph.input_dim
+
+
 def _chunk(graph: Graph, m: int, budget: int = 20_000_000) -> int:
     """Points per full-Jacobian pass so that the activations stay within ``budget`` numbers."""
-    per_point = sum(int(np.prod(n.out_shape)) for n in graph.nodes) + graph.input_dim
-    return max(1, budget // max(per_point * m, 1))
+    return max(1, budget // max(_numbers_per_point(graph) * m, 1))
 
 
 DENSE_STEPS, CONV_STEPS = 200, 50
@@ -305,7 +309,7 @@ def resolve_steps(graph: Graph, steps: int | None) -> int:
 def _screen_size(graph: Graph, m: int, starts: int, budget: float = 2e8) -> int:
     """Points to screen: 16 per start (4 for large inputs), and more while a full Jacobian is
     cheap (at most 4096), because ||J(x)|| of a deep ReLU net is heavy-tailed over random x."""
-    per_point = (sum(int(np.prod(n.out_shape)) for n in graph.nodes) + graph.input_dim) * max(m, 1)
+    per_point = _numbers_per_point(graph) * max(m, 1)
     base = (16 if graph.input_dim <= 64 else 4) * starts
     return int(max(base, min(4096, budget // per_point)))
 
