@@ -30,6 +30,7 @@ from .estimators import estimate
 from .estimators.base import SAFETY
 from .estimators.naive import node_lipschitz_bounds
 from .graph import Affine, Graph
+from .result import Result, best_proven
 
 DUAL = {"2": 2, "inf": 1, "1": np.inf}
 GLOBAL_FACTOR = {"2": math.sqrt(2.0), "inf": 2.0, "1": 1.0}
@@ -69,14 +70,19 @@ def _naive_pairwise(graph: Graph, norm: str) -> np.ndarray | None:
     return out
 
 
-def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", settings: Settings | None = None) -> PairwiseConstants:
-    """Compute every pair's proven margin constant once per model."""
+def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", settings: Settings | None = None,
+                       proven: list[Result] | None = None) -> PairwiseConstants:
+    """Compute every pair's proven margin constant once per model.
+
+    ``proven``: results already computed for this graph and norm (e.g. by a report); the best
+    proven one is the global bound, instead of solving for it again."""
     norm = normalize_norm(norm, "pairwise_constants")
     check_choice("pairwise_constants", "method", method, ("sdp", "naive"))
     s = settings or Settings(norm=norm)
     k = graph.output_dim
-    glob = estimate(graph, "naive", Settings(norm=norm))
-    global_value, global_method = glob.value, "naive"
+    known = best_proven([r for r in proven or [] if r.norm == norm])
+    glob = known or estimate(graph, "naive", Settings(norm=norm))
+    global_value, global_method = glob.value, glob.method
     candidates: list[tuple[str, np.ndarray]] = []
     naive = _naive_pairwise(graph, norm)
     if naive is not None:
@@ -86,9 +92,10 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
 
         sdp_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra=s.extra)
         if ESTIMATORS["sdp"].accepts(graph, sdp_settings) is None:
-            full = estimate(graph, "sdp", sdp_settings)
-            if full.value is not None and full.value < global_value:
-                global_value, global_method = full.value, "sdp"
+            if known is None:
+                full = estimate(graph, "sdp", sdp_settings)
+                if full.value is not None and full.value < global_value:
+                    global_value, global_method = full.value, "sdp"
             try:
                 from .estimators.sdp import pairwise_lipschitz
 
@@ -132,29 +139,34 @@ class Certificates:
     def correct(self) -> np.ndarray:
         return self.predicted == self.labels
 
-    def certified_accuracy(self, eps: float) -> float:
-        """Fraction of points classified correctly with a radius strictly larger than eps."""
-        return float(np.mean(self.correct & (self.radii > eps))) if len(self.radii) else 0.0
+    def certified_accuracy(self, eps: float, global_only: bool = False) -> float:
+        """Fraction of points classified correctly with a radius strictly larger than eps (with
+        ``global_only``: the radius from the global constant alone)."""
+        radii = self.global_radii if global_only else self.radii
+        return float(np.mean(self.correct & (radii > eps))) if len(radii) else 0.0
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return self.radii if dtype is None else self.radii.astype(dtype)
 
 
 def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, method: str = "sdp",
-                     input_shape: tuple[int, ...] | None = None, constants: PairwiseConstants | None = None) -> Certificates:
+                     input_shape: tuple[int, ...] | None = None, constants: PairwiseConstants | None = None,
+                     proven: list[Result] | None = None) -> Certificates:
     """Certified radii for a batch of inputs ``x`` (shape (N, *input_shape)).
 
     ``label``: the true classes (None: certify the predicted class). Misclassified points get
     radius 0. ``method``: "sdp" (LipSDP pairwise constants for l2 where it applies, else the naive
     pairwise ones) or "naive". The returned object holds the radii (``np.asarray`` works on it),
-    the predictions, and the constants used and how each was obtained.
+    the predictions, and the constants used and how each was obtained. ``constants``: reuse
+    constants computed before; ``proven``: results already computed for this model and norm
+    (see ``pairwise_constants``).
     """
     from .load import load
 
     graph = model if isinstance(model, Graph) else load(model, input_shape)
     norm = normalize_norm(norm, "certified_radius")
     xs = torch.from_numpy(input_batch(graph, x))
-    consts = constants or pairwise_constants(graph, norm, method)
+    consts = constants or pairwise_constants(graph, norm, method, proven=proven)
     with torch.no_grad():
         logits = graph.forward(xs).reshape(len(xs), -1).numpy()
     predicted = logits.argmax(1)
@@ -183,12 +195,13 @@ def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: Any = 2, method: str = "sdp",
-            input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Certified radii and certified accuracy of a data set, as a JSON-ready dict."""
+            input_shape: tuple[int, ...] | None = None, proven: list[Result] | None = None) -> dict[str, Any]:
+    """Certified radii and certified accuracy of a data set, as a JSON-ready dict. ``proven``:
+    results already computed for this model and norm (see ``pairwise_constants``)."""
     from .load import load
 
     graph = model if isinstance(model, Graph) else load(model, input_shape)
-    certs = certified_radius(graph, x, y, norm=norm, method=method)
+    certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven)
     eps = sorted(eps) if eps else []
     top = float(certs.radii.max()) if len(certs.radii) else 0.0
     grid = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, 41)
@@ -199,6 +212,6 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
         "clean_accuracy": float(np.mean(certs.correct)),
         "certified_accuracy": {str(e): certs.certified_accuracy(e) for e in eps},
         "curve": {"radius": grid.tolist(), "certified_accuracy": [certs.certified_accuracy(r) for r in grid]},
-        "global_curve": [float(np.mean(certs.correct & (certs.global_radii > r))) for r in grid],
+        "global_curve": [certs.certified_accuracy(r, global_only=True) for r in grid],
         "lipschitz": certs.constants.to_dict(),
     }

@@ -322,7 +322,7 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
     if data is not None:
         x, y = load_dataset(data)
         progress.note("certifying the data ...")
-        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm)
+        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results)  # reuse the bounds just computed
     command = "lipcert report " + " ".join([model] + (["--data", data] if data else []) + ["-o", output] + (["--norm", norm] if norm != "2" else []) + (["--seed", str(seed)] if seed else []))
     path = render(graph, results, output, command, skipped, cert, data_name=data or "", seed=seed)
     click.echo(f"wrote {path}")

@@ -180,3 +180,23 @@ def test_cli_certify_table_and_bad_input(tmp_path):
     assert res.exit_code == 2 and "radii must be >= 0" in res.output
     res = run(MODELS / "mlp_spiral.onnx")
     assert res.exit_code == 2 and "--data" in res.output
+
+
+def test_bounds_already_computed_are_reused_not_solved_again(spiral, monkeypatch):
+    import sys
+
+    certify_module = sys.modules["lipcert.certify"]  # lipcert.certify is also the function
+
+    graph = spiral[0]
+    fresh = pairwise_constants(graph, "2", "sdp")
+    results = [lipcert.bound(graph, method=m) for m in ("naive", "sdp")]
+    calls = []
+    real = certify_module.estimate
+    monkeypatch.setattr(certify_module, "estimate", lambda g, m, s: calls.append(m) or real(g, m, s))
+    reused = pairwise_constants(graph, "2", "sdp", proven=results)
+    assert calls == []
+    assert reused.global_bound == fresh.global_bound and reused.global_method == "sdp"
+    np.testing.assert_allclose(reused.matrix, fresh.matrix, rtol=1e-12)
+    # results for another norm are not taken for this one
+    linf = pairwise_constants(graph, "inf", "naive", proven=results)
+    assert calls == ["naive"] and linf.global_method == "naive"
