@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the lipcert of this tree, not another install
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_md import write_section  # noqa: E402
+from results_md import publish  # noqa: E402
 SHARED = ROOT.parent / "shared" / "models"
 SECTION = "## Lower bounds"
 
@@ -74,11 +74,7 @@ def main() -> None:
     worst = min(min(r["2"]["value"] / r["2"]["ref"], r["inf"]["value"] / r["inf"]["ref"]) for r in rows)
     lines += ["", f"Smallest ratio to the reference: {worst:.2f}."]
     text = "\n".join(lines) + "\n"
-    if args.no_write:
-        print(text)
-        return
-    write_section(SECTION, text)
-    print(text)
+    publish(SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

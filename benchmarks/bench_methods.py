@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the lipcert of this tree, not another install
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_md import write_section  # noqa: E402
+from results_md import publish  # noqa: E402
 SHARED = ROOT.parent / "shared" / "models" / "vnncomp2021"
 LOCAL = ROOT / "models"
 DEFAULT_JSON = Path("/tmp/lipcert_bench_methods.json")
@@ -241,11 +241,7 @@ def main() -> None:
                     print(f"{p:40s} {s:12s} {r.get('status')} {_fmt(r.get('value'))} {r.get('time_s', r.get('wall_s', 0)):.1f}s", file=sys.stderr, flush=True)
                 args.json.write_text(json.dumps(data, indent=1))
     text = render(data)
-    if args.no_write:
-        print(text)
-    else:
-        write_section(SECTION, text)
-        print(text)
+    publish(SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

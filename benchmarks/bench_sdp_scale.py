@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the lipcert of this tree, not another install
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_md import write_section  # noqa: E402
+from results_md import publish  # noqa: E402
 MODELS = ROOT.parent / "shared" / "models"
 DEFAULT_JSON = Path("/tmp/lipcert_bench_sdp_scale.json")
 SECTION = "## LipSDP at scale"
@@ -260,8 +260,6 @@ def _fmt(x: float | None, digits: int = 7) -> str:
 
 
 def render(results: dict) -> str:
-    from lipcert.estimators.sdp_problem import problem_from_graph  # noqa: F401  (import check)
-
     ref = json.loads((MODELS / "reference.json").read_text())
     mach = results.get("machine", {})
     out = [SECTION, ""]
@@ -350,11 +348,7 @@ def main() -> None:
     if not args.render:
         main_run(args)
     text = render(json.loads(args.json.read_text()))
-    if args.no_write:
-        print(text)
-    else:
-        write_section(SECTION, text)
-        print(text)
+    publish(SECTION, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

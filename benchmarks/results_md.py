@@ -24,3 +24,10 @@ def write_section(section: str, text: str, path: Path = RESULTS_MD) -> None:
     else:
         current = current.rstrip() + "\n\n" + text.rstrip() + "\n"
     path.write_text(current)
+
+
+def publish(section: str, text: str, write: bool = True) -> None:
+    """Print the section, and (``write``) put it into RESULTS.md."""
+    if write:
+        write_section(section, text)
+    print(text)
