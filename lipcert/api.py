@@ -6,7 +6,6 @@ from typing import Any
 
 from .config import Settings, normalize_norm
 from .estimators import ESTIMATORS, estimate
-from .graph import Graph
 from .load import load
 from .result import Result
 
@@ -38,7 +37,7 @@ def bound(
         >>> r = lipcert.bound("models/mlp_spiral.onnx", method="naive", norm=2)  # doctest: +SKIP
         >>> r.value, r.certified  # doctest: +SKIP
     """
-    graph = model if isinstance(model, Graph) else load(model, input_shape)
+    graph = load(model, input_shape)  # a Graph comes back as is
     return estimate(graph, method, Settings(norm=normalize_norm(norm), **settings))
 
 

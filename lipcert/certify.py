@@ -163,7 +163,7 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     """
     from .load import load
 
-    graph = model if isinstance(model, Graph) else load(model, input_shape)
+    graph = load(model, input_shape)  # a Graph comes back as is
     norm = normalize_norm(norm, "certified_radius")
     xs = torch.from_numpy(input_batch(graph, x))
     consts = constants or pairwise_constants(graph, norm, method, proven=proven)
@@ -200,7 +200,7 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
     results already computed for this model and norm (see ``pairwise_constants``)."""
     from .load import load
 
-    graph = model if isinstance(model, Graph) else load(model, input_shape)
+    graph = load(model, input_shape)  # a Graph comes back as is
     certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven)
     eps = sorted(eps) if eps else []
     top = float(certs.radii.max()) if len(certs.radii) else 0.0

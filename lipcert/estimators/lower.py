@@ -476,7 +476,7 @@ def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int | None =
             check_range("lower_bound", name, value, low)
     check_choice("lower_bound", "device", device, ("cpu", "cuda", "auto"))
     s = Settings(norm=normalize_norm(norm, "lower_bound"), starts=starts, steps=steps, seed=seed, device=device)
-    graph = model if isinstance(model, Graph) else load(model, input_shape)
+    graph = load(model, input_shape)  # a Graph comes back as is
     if isinstance(data, (str, Path)):
         data = load_npz(data, labels=False)[0]
     return LowerSearch().run(graph, s, data)
