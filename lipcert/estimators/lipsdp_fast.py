@@ -21,7 +21,7 @@ Mehrotra's predictor-corrector, on the pair
   products of the m x m matrices Y^T X Y and Y^T S^-1 Y, built from the weights layer by layer;
 - S is block-tridiagonal over the layers (one diagonal block per layer, one off-diagonal block per
   pair of adjacent layers: the chordal structure of Chordal-LipSDP), and so is every direction
-  dS: its Cholesky factor has no fill, so S^-1 R, X dS and step lengths cost O(d n) per column.
+  dS: its Cholesky factor has no fill, so X dS and step lengths cost O(d n) per column.
 A step costs O(L^2 n^3 + m^3) (L layers of width n, d = sum of widths, m hidden neurons) against
 O(m d^3 + m^2 d^2) for a generic solver on the same problem, and the iteration count of a
 primal-dual method (about 10-30 here, with Mehrotra's corrector).
@@ -209,6 +209,11 @@ class _Work:
         Z2 = AZ[:, :n0].T * dba[None, :]
         return Q11, Q12, Q22, Z1, Z2
 
+    def c0(self, Z: torch.Tensor) -> float:
+        """<C0, Z> = <W_l^T W_l, Z_ll>."""
+        last, Wl = self.block(self.layers), self.tw[-1]
+        return float(torch.einsum("ij,ij->", Wl @ Z[last, last], Wl))
+
     def to_original(self, lam: np.ndarray) -> list[np.ndarray]:
         return [self.kappa2 * lam[self.hidden(j)] / self.scales[j - 1] ** 2 for j in range(1, self.layers + 1)]
 
@@ -266,9 +271,6 @@ class _BT:
             X[w.block(k)] = torch.linalg.solve_triangular(self.Ld[k].T, z, upper=True)
         return X
 
-    def solve(self, R: torch.Tensor) -> torch.Tensor:
-        return self.usolve(self.lsolve(R))
-
     def inverse(self) -> torch.Tensor:
         """S^-1 = L^-T L^-1, where L^-1 is block lower triangular (its upper blocks are skipped)."""
         w = self.work
@@ -304,6 +306,9 @@ class _BT:
         total = sum(float(torch.sum(self.D[k] * X[w.block(k), w.block(k)])) for k in range(len(self.D)))
         return total + 2.0 * sum(float(torch.sum(self.B[k] * X[w.block(k + 1), w.block(k)])) for k in range(len(self.B)))
 
+    def plus(self, alpha: float, dS: "_BT") -> "_BT":
+        return _BT(self.work, [a + alpha * b for a, b in zip(self.D, dS.D)], [a + alpha * b for a, b in zip(self.B, dS.B)])
+
     def dense(self) -> torch.Tensor:
         w = self.work
         S = torch.zeros((w.dim, w.dim), dtype=F64)
@@ -337,9 +342,6 @@ class _DenseS:
     def usolve(self, Z: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(self.L.T, Z, upper=True)
 
-    def solve(self, R: torch.Tensor) -> torch.Tensor:
-        return torch.cholesky_solve(R, self.L)
-
     def inverse(self) -> torch.Tensor:
         return _sym(torch.cholesky_inverse(self.L))
 
@@ -351,6 +353,9 @@ class _DenseS:
 
     def dense(self) -> torch.Tensor:
         return self.S
+
+    def plus(self, alpha: float, dS: "_DenseS") -> "_DenseS":
+        return _DenseS(self.work, self.S + alpha * dS.S)
 
 
 def _norm2(W: np.ndarray) -> float:
@@ -507,6 +512,11 @@ def _fsolve(fac, b: np.ndarray) -> np.ndarray:
     return x / dg
 
 
+def _diag_C(Q) -> np.ndarray:
+    """(<C_i, Z>)_i from ``quad(Z)``: C_i = -1/2 y1 y1^T + 1/2 y2 y2^T."""
+    return (0.5 * (torch.diagonal(Q[2]) - torch.diagonal(Q[0]))).numpy()
+
+
 def _sym(A: torch.Tensor) -> torch.Tensor:
     return (A + A.T) / 2
 
@@ -605,8 +615,9 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     gap = math.inf
     grp = (lambda v: v) if P is None else (lambda v: P.T @ v)
     while True:
-        # ---- certificate from the current X ----
-        trE, cx, c0 = work.apply_C(X)
+        # ---- certificate from the current X (<C_i, X> is on the diagonal of Y^T X Y) ----
+        QX = work.quad(X)
+        trE, cx, c0 = float(torch.trace(X[:n0, :n0])), _diag_C(QX), work.c0(X)
         if trE > 0 and np.all(grp(cx) >= 0):
             low_best = max(low_best, c0 / trE)
         # relative gap; in working units the start has rho ~ 1, which bounds the scale from below
@@ -625,7 +636,8 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         # ---- Schur complement M_kl = <A_k, X A_l S^-1> + LP part ----
         if it > 1:
             Sinv = S.inverse()
-        QS, QX = work.quad(Sinv), work.quad(X)
+        QS = work.quad(Sinv)
+        trSi, cSi = float(torch.trace(Sinv[:n0, :n0])), _diag_C(QS)
         M_ll = 0.25 * (QX[0] * QS[0] + QX[2] * QS[2] - QX[1] * QS[1] - (QX[1] * QS[1]).T)
         M_rl = 0.5 * (torch.einsum("ij,ij->j", QS[3], QX[3]) - torch.einsum("ij,ij->j", QS[4], QX[4]))
         M_rr = float(torch.sum(X[:n0, :n0] * Sinv[:n0, :n0]))
@@ -648,7 +660,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
 
         # predictor: dX = -X - sym(X dS S^-1); S^-1 (dS X) is the transpose of X dS S^-1
         dy, dS = direction(b)
-        dX = -X - _sym(S.solve(dS.rmul(X).T))
+        dX = -X - _sym(Sinv @ dS.rmul(X).T)
         dth = dy[1:]
         dx = -x - x * dth / theta
         ap = min(1.0, _max_step(LX, dX), _max_step_vec(x, dx))
@@ -659,8 +671,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         expon = max(1.0, 3.0 * min(ap, ad) ** 2)
         sigma = min(1.0, max(mu_aff / mu, 0.0) ** expon)
         # corrector, with the second-order term Wc = sym(dX_a dS_a S^-1)
-        Wc = _sym(S.solve(dS.rmul(dX).T))
-        trSi, cSi, _ = work.apply_C(Sinv)
+        Wc = _sym(Sinv @ dS.rmul(dX).T)
         trW, cW, _ = work.apply_C(Wc)
         smu = sigma * mu
         rhs = np.empty(p + 1)
@@ -669,11 +680,17 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         dx_a, dth_a = dx, dth
         dy, dS = direction(rhs)
         dth = dy[1:]
-        dX = smu * Sinv - X - Wc - _sym(S.solve(dS.rmul(X).T))
+        dX = smu * Sinv - X - Wc - _sym(Sinv @ dS.rmul(X).T)
         del Wc
         dx = smu / theta - x - dx_a * dth_a / theta - x * dth / theta
-        ap = min(_max_step(LX, dX), _max_step_vec(x, dx))
-        ad = min(_max_step_bt(S, dS), _max_step_vec(theta, dth))
+        # full steps when both cones allow 1 / 0.99 (then gamma = 0.99 below gives exactly 1)
+        full = 1.0 / 0.99
+        ap, ad = _max_step_vec(x, dx), _max_step_vec(theta, dth)
+        if ap >= full and ad >= full and _chol(X + full * dX) is not None and S.plus(full, dS).factor():
+            ap = ad = full
+        else:
+            ap = min(ap, _max_step(LX, dX))
+            ad = min(ad, _max_step_bt(S, dS))
         gamma = 0.9 + 0.09 * min(ap, ad, 1.0)
         ap, ad = min(1.0, gamma * ap), min(1.0, gamma * ad)
         # primal step: X stays positive definite (the Lanczos estimate is confirmed here)
@@ -690,7 +707,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         for _ in range(30):
             th_new = theta + ad * dth
             rho_new = rho + ad * dy[0]
-            S_new = work.S_bt(rho_new, th_new if P is None else P @ th_new)
+            S_new = S.plus(ad, dS)
             if np.all(th_new > 0) and S_new.factor():
                 break
             ad *= 0.5
