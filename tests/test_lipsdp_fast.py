@@ -173,6 +173,46 @@ def test_verify_stays_sound_for_any_multipliers(seed):
     assert not verify(problem, [np.zeros(n) for n in problem.widths[1:]]).ok
 
 
+def test_a_restart_after_a_stall_still_converges(monkeypatch):
+    problem = random_problem([5, 10, 10, 10, 2], "leaky", 1)
+    plain, _ = lipsdp_fast.solve(problem)
+    monkeypatch.setattr(lipsdp_fast, "STALL_STEPS", 1)  # any short step counts as a stall
+    lams, info = lipsdp_fast.solve(problem)
+    assert info["restarted"] and info["status"] == "optimal"
+    assert abs(verify(problem, lams).value - verify(problem, plain).value) <= 1e-5 * verify(problem, plain).value
+
+
+def nearly_singular(problem: LipSDPProblem, lams: list[np.ndarray]) -> list[np.ndarray]:
+    """lams scaled down until the hidden block is within 1e-13 of singular (bisection on s)."""
+    n0 = problem.widths[0]
+
+    def definite(s: float) -> bool:
+        C = problem.assemble([s * v for v in lams])
+        return np.linalg.eigvalsh(C[n0:, n0:])[-1] < 0
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if definite(mid) else (mid, hi)
+    return [hi * v for v in lams]
+
+
+def test_verify_best_moves_nearly_singular_multipliers_inside():
+    from lipcert.estimators.sdp import verify_best
+
+    problem = random_problem([5, 10, 10, 3], "relu", 4)
+    lams, info = lipsdp_fast.solve(problem)
+    edge = nearly_singular(problem, lams)
+    plain = verify(problem, edge)
+    best = verify_best(problem, edge, info["interior"])
+    assert best.ok and "interior start" in best.reason
+    assert not plain.ok or best.value < plain.value
+    # still a sound bound: never below the optimum (the solver's dual bound)
+    assert best.value >= info["lower_value"]
+    # and with good multipliers it changes nothing
+    assert verify_best(problem, lams, info["interior"]) == verify(problem, lams)
+
+
 ACAS = ["ACASXU_run2a_1_1_batch_2000.onnx", "ACASXU_run2a_2_3_batch_2000.onnx", "ACASXU_run2a_5_9_batch_2000.onnx"]
 
 

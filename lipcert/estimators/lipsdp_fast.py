@@ -63,6 +63,14 @@ F64 = torch.float64
 EXACT_STEP_DIM = 400
 # below this size S is kept dense (fewer, larger operations), above it block-tridiagonal
 DENSE_DIM = 400
+# the start: rho = START_FACTOR x the smallest feasible rho of the layer-wise multipliers. After
+# STALL_STEPS steps in a row shorter than 0.5 (far from the central path), one restart from the
+# current multipliers, further inside (measured: mnist_relu_9_200 stalled at a duality gap of 0.08
+# after 60 steps; with the restart it converges in 35; starting every net at 5x instead costs one
+# or two steps on the small MLPs)
+START_FACTOR = 2.0
+RESTART_FACTOR = 5.0
+STALL_STEPS = 6
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -553,7 +561,9 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     iterations, gap (relative duality gap on rho proven by a dual feasible point; inf if none),
     solver_value (sqrt of the solver's rho), lower_value (sqrt of the dual bound: no multipliers of
     this variant give less), start_value (the value of the layer-wise start: one multiplier per
-    layer by backward block elimination, as in ECLipsE-Fast; a looser bound), time_s, method.
+    layer by backward block elimination, as in ECLipsE-Fast; a looser bound), interior (those
+    start multipliers, strictly feasible), restarted (whether a stall forced a restart), time_s,
+    method.
     Every iterate is strictly feasible, so a stop on max_iter or time_limit still returns
     multipliers that verify.
     """
@@ -595,18 +605,14 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     if rho is None:
         return done("failed: no strictly feasible start")
     info["start_value"] = math.sqrt(rho * work.kappa2)  # the layer-wise (ECLipsE-Fast-style) start
-    rho = 2.0 * rho + 1e-12
-    S = work.S_bt(rho, lam)
-    if not S.factor():
+    info["interior"] = work.to_original(lam)  # strictly feasible, well inside: see sdp.verify_best
+    start = _centred_start(work, theta, lam, rho, START_FACTOR)
+    if start is None:
         return done("failed: start not strictly feasible")
-
+    rho, S, Sinv, X, LX, x = start
     n0, d, p = work.n0, work.dim, theta.size
     nu = d + p
-    Sinv = S.inverse()
-    xi = 1.0 / float(torch.trace(Sinv[:n0, :n0]))
-    X = xi * Sinv  # a centred start: X S = xi I, x s = xi
-    LX = _chol(X)
-    x = xi / theta
+    short_steps, restarted = 0, False
     b = np.zeros(p + 1)
     b[0] = -1.0
     low_best = -math.inf
@@ -718,6 +724,16 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         x = x + ap * dx
         rho, theta, S = rho_new, th_new, S_new
         log.debug("   ap %.3f ad %.3f sigma %.3g", ap, ad, sigma)
+        short_steps = short_steps + 1 if min(ap, ad) < 0.5 else 0
+        if short_steps >= STALL_STEPS and not restarted:
+            # stalled far from the central path: start again, centred, from the current multipliers
+            lam = theta if P is None else P @ theta
+            rho_min = _min_rho(work, lam)
+            start = _centred_start(work, theta, lam, rho_min, RESTART_FACTOR) if rho_min is not None else None
+            if start is not None:
+                rho, S, Sinv, X, LX, x = start
+                log.debug("   restart at rho %.12g", rho)
+            restarted, short_steps = True, 0
 
     lam = theta if P is None else P @ theta
     mult = work.to_original(lam)
@@ -727,6 +743,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         status,
         mult,
         iterations=it,
+        restarted=restarted,
         gap=float(gap),
         solver_value=math.sqrt(max(rho, 0.0) * work.kappa2),
         lower_value=math.sqrt(max(low_best, 0.0) * work.kappa2) if low_best > -math.inf else None,
@@ -746,6 +763,19 @@ def solve(problem: LipSDPProblem, variant: str = "neuron", **opts) -> tuple[list
 
 
 solve.__doc__ = _solve.__doc__
+
+
+def _centred_start(work: _Work, theta: np.ndarray, lam: np.ndarray, rho_min: float, factor: float):
+    """(rho, S, S^-1, X, chol X, x) at rho = factor * rho_min with X = xi S^-1, x = xi / theta,
+    tr X_00 = 1: a point on the central path of the current multipliers; None if S is singular."""
+    rho = factor * rho_min + 1e-12
+    S = work.S_bt(rho, lam)
+    if not S.factor():
+        return None
+    Sinv = S.inverse()
+    xi = 1.0 / float(torch.trace(Sinv[: work.n0, : work.n0]))
+    X = xi * Sinv
+    return rho, S, Sinv, X, _chol(X), xi / theta
 
 
 def _min_rho(work: _Work, lam: np.ndarray) -> float | None:

@@ -112,6 +112,7 @@ class Verified:
     value: float | None  # proven bound on the l2 Lipschitz constant (sqrt(rho) with margins)
     rho: float | None
     reason: str = ""
+    margin: float | None = None  # the relative margin on rho that the proof needed
 
 
 def expand_multipliers(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> list[np.ndarray]:
@@ -187,7 +188,7 @@ def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Ve
             scipy.linalg.cholesky(A, lower=True, check_finite=False)
         except np.linalg.LinAlgError:
             continue
-        return Verified(True, math.sqrt(rho) * (1.0 + SAFETY), rho, f"verified with relative margin {rel:g}")
+        return Verified(True, math.sqrt(rho) * (1.0 + SAFETY), rho, f"verified with relative margin {rel:g}", rel)
     return Verified(False, None, None, "the whole matrix inequality could not be verified in float64 (ill-conditioned multipliers)")
 
 
