@@ -51,6 +51,35 @@ def bar(label: str, total: int) -> Iterator[Bar]:
         b.close()
 
 
+class Status:
+    """A one-line status that redraws in place (a terminal only): ``update(text)``."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.start, self.shown = label, time.perf_counter(), False
+
+    def update(self, text: str) -> None:
+        if not _enabled():
+            return
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r{self.label}: {text} ({elapsed:.0f} s)\033[K")
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown and _enabled():
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@contextmanager
+def status(label: str) -> Iterator[Status]:
+    s = Status(label)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 def note(message: str) -> None:
     """A one-line status message on stderr (shown even when not a terminal, unless quiet)."""
     if not _quiet:

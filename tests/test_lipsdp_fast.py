@@ -182,6 +182,14 @@ def test_a_restart_after_a_stall_still_converges(monkeypatch):
     assert abs(verify(problem, lams).value - verify(problem, plain).value) <= 1e-5 * verify(problem, plain).value
 
 
+def test_progress_is_reported_at_every_step():
+    problem = random_problem([4, 8, 6, 3], "relu", 0)
+    seen = []
+    _, info = lipsdp_fast.solve(problem, progress=lambda it, value, gap: seen.append((it, value, gap)))
+    assert [it for it, _, _ in seen] == list(range(info["iterations"] + 1))
+    assert seen[-1][2] == info["gap"] and math.isclose(seen[-1][1], info["solver_value"])
+
+
 def nearly_singular(problem: LipSDPProblem, lams: list[np.ndarray]) -> list[np.ndarray]:
     """lams scaled down until the hidden block is within 1e-13 of singular (bisection on s)."""
     n0 = problem.widths[0]

@@ -57,7 +57,7 @@ from .sdp_problem import LipSDPProblem, expand_multipliers
 log = logging.getLogger(__name__)
 
 VARIANTS = ("neuron", "layer")
-OPTIONS = ("tol", "max_iter", "time_limit", "scale", "init", "threads")
+OPTIONS = ("tol", "max_iter", "time_limit", "scale", "init", "threads", "progress")
 F64 = torch.float64
 # step lengths: a dense eigenvalue problem up to this size, Lanczos above (measured crossover)
 EXACT_STEP_DIM = 400
@@ -279,6 +279,10 @@ class _BT:
             X[w.block(k)] = torch.linalg.solve_triangular(self.Ld[k].T, z, upper=True)
         return X
 
+    def solve(self, R: torch.Tensor) -> torch.Tensor:
+        """S^-1 R by block substitution: O(sum n_k^2) per column, where S^-1 R would be O(d^2)."""
+        return self.usolve(self.lsolve(R))
+
     def inverse(self) -> torch.Tensor:
         """S^-1 = L^-T L^-1, where L^-1 is block lower triangular (its upper blocks are skipped)."""
         w = self.work
@@ -352,6 +356,9 @@ class _DenseS:
 
     def inverse(self) -> torch.Tensor:
         return _sym(torch.cholesky_inverse(self.L))
+
+    def solve(self, R: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(R, self.L)
 
     def rmul(self, X: torch.Tensor) -> torch.Tensor:
         return X @ self.S
@@ -553,7 +560,8 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     Options: tol (relative duality gap on rho at which to stop, 1e-6: the bound sqrt(rho) is then
     within 5e-7 of the LipSDP optimum), max_iter (60), time_limit (seconds, None), scale (rescale
     the layers, True), init (multipliers in the original coordinates to start from, when strictly
-    feasible), threads (BLAS threads for torch during the solve, 1).
+    feasible), threads (BLAS threads for torch during the solve, 1), progress (a callable
+    ``progress(iteration, value, gap)`` called at every step; value is sqrt(rho), not verified).
 
     Returns (multipliers, info): one nonnegative array per hidden layer in the coordinates of
     ``problem`` (constant per layer for "layer"), or None when no strictly feasible point was
@@ -576,6 +584,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     tol = float(opts.get("tol", 1e-6))
     max_iter = int(opts.get("max_iter", 60))
     time_limit = opts.get("time_limit")
+    report = opts.get("progress")  # called as report(iteration, sqrt(rho), gap) at every step
     info: dict = {"method": f"lipcert-fast primal-dual interior point (LipSDP-{variant.capitalize()})", "variant": variant, "status": "failed", "iterations": 0, "gap": math.inf, "solver_value": None, "lower_value": None, "time_s": 0.0}
 
     def done(status: str, mult=None, **kw):
@@ -630,6 +639,8 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         gap = (rho - low_best) / max(rho, 1e-9) if low_best > -math.inf else math.inf
         mu = (S.inner(X) + float(x @ theta)) / nu
         log.debug("it %d rho %.12g low %.12g gap %.3g mu %.3g", it, rho, low_best, gap, mu)
+        if report is not None:
+            report(it, math.sqrt(max(rho, 0.0) * work.kappa2), gap)
         if gap <= tol:
             status = "optimal"
             break
@@ -643,6 +654,9 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         if it > 1:
             Sinv = S.inverse()
         QS = work.quad(Sinv)
+        # S^-1 R: with the inverse at hand when S is small and dense, by block substitution when
+        # it is large and block-tridiagonal (O(d^2 n) instead of O(d^3))
+        solve_S = (lambda R: Sinv @ R) if isinstance(S, _DenseS) else S.solve
         trSi, cSi = float(torch.trace(Sinv[:n0, :n0])), _diag_C(QS)
         M_ll = 0.25 * (QX[0] * QS[0] + QX[2] * QS[2] - QX[1] * QS[1] - (QX[1] * QS[1]).T)
         M_rl = 0.5 * (torch.einsum("ij,ij->j", QS[3], QX[3]) - torch.einsum("ij,ij->j", QS[4], QX[4]))
@@ -666,7 +680,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
 
         # predictor: dX = -X - sym(X dS S^-1); S^-1 (dS X) is the transpose of X dS S^-1
         dy, dS = direction(b)
-        dX = -X - _sym(Sinv @ dS.rmul(X).T)
+        dX = -X - _sym(solve_S(dS.rmul(X).T))
         dth = dy[1:]
         dx = -x - x * dth / theta
         ap = min(1.0, _max_step(LX, dX), _max_step_vec(x, dx))
@@ -677,7 +691,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         expon = max(1.0, 3.0 * min(ap, ad) ** 2)
         sigma = min(1.0, max(mu_aff / mu, 0.0) ** expon)
         # corrector, with the second-order term Wc = sym(dX_a dS_a S^-1)
-        Wc = _sym(Sinv @ dS.rmul(dX).T)
+        Wc = _sym(solve_S(dS.rmul(dX).T))
         trW, cW, _ = work.apply_C(Wc)
         smu = sigma * mu
         rhs = np.empty(p + 1)
@@ -686,7 +700,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         dx_a, dth_a = dx, dth
         dy, dS = direction(rhs)
         dth = dy[1:]
-        dX = smu * Sinv - X - Wc - _sym(Sinv @ dS.rmul(X).T)
+        dX = smu * Sinv - X - Wc - _sym(solve_S(dS.rmul(X).T))
         del Wc
         dx = smu / theta - x - dx_a * dth_a / theta - x * dth / theta
         # full steps when both cones allow 1 / 0.99 (then gamma = 0.99 below gives exactly 1)

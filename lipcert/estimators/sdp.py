@@ -259,12 +259,12 @@ def solve_problem(problem: LipSDPProblem, settings: Settings) -> Solved:
     opts = dict(settings.extra.get("solver_opts", {}))
     forced = check_solver(settings.solver)
     if forced is not None:
-        out = _attempt(problem, variant, forced, _fast_opts(opts, settings) if forced == FAST else opts)
+        out = _attempt_fast(problem, variant, opts, settings) if forced == FAST else _attempt(problem, variant, forced, opts)
         out.attempts = [_attempt_record(out)]
         return out
     attempts: list[Solved] = []
     if fast_solver_available():
-        attempts.append(_attempt(problem, variant, FAST, _fast_opts(opts, settings)))
+        attempts.append(_attempt_fast(problem, variant, opts, settings))
     if not attempts or attempts[-1].value is None:
         generic = default_solver()
         if problem.dim <= CVXPY_MAX_DIM:
@@ -277,6 +277,27 @@ def solve_problem(problem: LipSDPProblem, settings: Settings) -> Solved:
     out.attempts = [_attempt_record(a) for a in attempts]
     out.time_s = sum(a.time_s for a in attempts)
     return out
+
+
+# above this many rows a solve takes seconds: show its progress; above LONG_DIM say it takes minutes
+PROGRESS_DIM = 1000
+LONG_DIM = 3000
+
+
+def _attempt_fast(problem: LipSDPProblem, variant: str, opts: dict[str, Any], settings: Settings) -> Solved:
+    """lipcert-fast, with a status line (step, value, gap) on large problems."""
+    opts = _fast_opts(opts, settings)
+    if problem.dim < PROGRESS_DIM or "progress" in opts:
+        return _attempt(problem, variant, FAST, opts)
+    if problem.dim >= LONG_DIM and not opts.get("time_limit"):
+        progress.note(f"LipSDP: a matrix inequality of {problem.dim} rows, {problem.n_hidden} neurons: this takes minutes "
+                      "(the cost of a step grows as rows^3); --time-limit SECONDS stops early with a looser, still proven bound")
+    with progress.status(f"LipSDP ({problem.dim} rows)") as line:
+        def report(it: int, value: float, gap: float) -> None:
+            text = f"step {it}, {value:.6g} (not yet verified)"
+            line.update(f"{text}, duality gap {gap:.1e}" if math.isfinite(gap) else text)
+
+        return _attempt(problem, variant, FAST, {**opts, "progress": report})
 
 
 def _fast_opts(opts: dict[str, Any], settings: Settings) -> dict[str, Any]:
