@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import progress
 from .config import Settings, check_choice, normalize_norm
 from .data import input_batch, load_npz
 from .errors import InputError
@@ -107,8 +108,8 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
                         mat[y, j] = mat[j, y] = v
                 np.fill_diagonal(mat, 0.0)
                 candidates.append(("LipSDP pairwise", mat))
-            except InputError:
-                pass  # not a chain: the naive pairwise bound stands
+            except InputError as exc:  # not a chain, or too large: the naive pairwise bound stands
+                progress.note(f"pairwise LipSDP skipped: {exc.message()}")
     fallback = np.full((k, k), GLOBAL_FACTOR[norm] * global_value)
     np.fill_diagonal(fallback, 0.0)
     best = fallback.copy()

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 import lipcert
 from lipcert.certify import certified_radius, certify, pairwise_constants
+from lipcert.config import Settings
 from lipcert.cli import main
 from conftest import MODELS
 
@@ -200,3 +201,15 @@ def test_bounds_already_computed_are_reused_not_solved_again(spiral, monkeypatch
     # results for another norm are not taken for this one
     linf = pairwise_constants(graph, "inf", "naive", proven=results)
     assert calls == ["naive"] and linf.global_method == "naive"
+
+
+def test_pairwise_lipsdp_is_skipped_with_a_note_on_large_networks(spiral, monkeypatch, capsys):
+    from lipcert.estimators import sdp
+
+    graph = spiral[0]
+    monkeypatch.setattr(sdp, "LONG_DIM", 10)  # mlp_spiral's 66 rows count as large
+    with pytest.raises(lipcert.InputError, match="pairwise LipSDP would solve 3 matrix inequalities"):
+        sdp.pairwise_lipschitz(graph, [(0, 1), (1, 0), (0, 2), (1, 2)], Settings())
+    c = pairwise_constants(graph, "2", "sdp")
+    assert "pairwise LipSDP skipped" in capsys.readouterr().err
+    assert "LipSDP pairwise" not in c.how.values() and c.global_method == "sdp"  # the global LipSDP bound still counts

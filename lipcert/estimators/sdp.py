@@ -309,7 +309,8 @@ def _fast_opts(opts: dict[str, Any], settings: Settings) -> dict[str, Any]:
 def _attempt_record(s: Solved) -> dict[str, Any]:
     return {"solver": s.solver, "status": s.status, "solver_status": s.solver_status, "solver_value": s.solver_value,
             "verified_value": s.value, "time_s": s.time_s, "verify_time_s": s.verify_time_s,
-            **{k: v for k, v in s.info.items() if k in ("iterations", "gap")}}
+            # lower_value: the solver's dual bound (sqrt); no multipliers of this variant prove less
+            **{k: v for k, v in s.info.items() if k in ("iterations", "gap", "lower_value", "restarted")}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,6 +496,10 @@ def pairwise_lipschitz(graph: Graph, pairs: list[tuple[int, int]], settings: Set
             raise InputError(f"the output layer {last.name} is too large for a dense matrix", graph.source)
     else:
         W = out_section.problem.weights[-1]
+        distinct = len({(min(y, j), max(y, j)) for y, j in pairs if y != j})
+        if out_section.problem.dim >= LONG_DIM and distinct > 1:
+            raise InputError(f"pairwise LipSDP would solve {distinct} matrix inequalities of {out_section.problem.dim} rows, "
+                             "minutes each; the global LipSDP bound is used instead", graph.source)
     n_out = W.shape[0]
     for y, j in pairs:
         if not (0 <= y < n_out and 0 <= j < n_out):
