@@ -120,7 +120,7 @@ def worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     if spec["method"] == "fast":
         lams, info = lipsdp_fast.solve(problem, spec.get("variant", "neuron"), time_limit=spec.get("time_limit"))
-        out.update(iterations=info["iterations"], gap=info["gap"], lower_value=info["lower_value"], start_value=info.get("start_value"), restarted=info.get("restarted"))
+        out.update(iterations=info["iterations"], gap=info["gap"], lower_value=info["lower_value"], start_value=info.get("start_value"), restarted=info.get("restarted"), dropped=info.get("dropped"))
     else:
         from lipcert.estimators.sdp import solve_cvxpy
 
@@ -216,6 +216,8 @@ def main_run(args) -> None:
             continue
         res = results.setdefault(group, {})
         for name in names:
+            if args.nets and name not in args.nets:
+                continue
             row = res.setdefault(name, {})
             spec = {"kind": "onnx", "name": name}
             if "fast" in args.methods:
@@ -331,9 +333,10 @@ def render(results: dict) -> str:
             rf = ref.get(f"vnncomp2021/{name}.onnx", {})
             v = _v(r)
             lower, naive = rf.get("lower_l2"), rf.get("naive_l2")
+            mult = f"{r.get('m', '-')}" + (f" ({r['dropped']} never read: dropped)" if r.get("dropped") else "")
             gen = "; ".join(f"{s}: {(_t(row[s]) + ', ' + str(row[s].get('status'))) if row[s].get('time_s') is not None else row[s].get('status')}" + ("" if _v(row[s]) is None else f", {_fmt(_v(row[s]))}") for s in ("SDPA", "CVXOPT") if s in row)
             out.append(
-                f"| {name} | {r.get('d', '-')} | {r.get('m', '-')} | {_t(r)}{'' if r.get('status') in (None, 'optimal') else ' (' + str(r.get('status')) + ')'} | "
+                f"| {name} | {r.get('d', '-')} | {mult} | {_t(r)}{'' if r.get('status') in (None, 'optimal') else ' (' + str(r.get('status')) + ')'} | "
                 f"{r.get('iterations', '-')}{' (restarted)' if r.get('restarted') else ''} | {_fmt(r.get('gap'), 2)} | "
                 f"{_fmt(r.get('peak_rss_mb'), 4)} MB | {'ok' if r.get('verified') else 'rejected'} ({_fmt(r.get('verify_s'), 2)} s) | {_fmt(v)} | {_fmt(r.get('start_value'))} | {_fmt(naive)} | {_fmt(lower)} | "
                 f"{'-' if v is None or not lower else f'{v / lower:.3g}'} | {'-' if not naive or not lower else f'{naive / lower:.3g}'} | {gen or '-'} |"
@@ -351,6 +354,7 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=240.0, help="time cap per generic-solver run, seconds")
     ap.add_argument("--only", default="mlp,acas,mnist,extra", help="comma-separated subset of mlp, acas, mnist, extra, conv (conv: about 2 x --conv-time-limit)")
     ap.add_argument("--conv-time-limit", type=float, default=900.0, help="lipcert-fast's time limit on the convolutional networks, seconds")
+    ap.add_argument("--nets", default="", help="comma-separated real networks to run (default: all of the chosen groups)")
     ap.add_argument("--methods", default="fast,SDPA,CVXOPT,CLARABEL", help="which solvers to run (others keep their saved results)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the raw results are kept")
     ap.add_argument("--fresh", action="store_true", help="ignore saved results")
@@ -362,6 +366,7 @@ def main() -> None:
         return
     args.only = set(args.only.split(","))
     args.methods = set(args.methods.split(","))
+    args.nets = set(filter(None, args.nets.split(",")))
     if not args.render:
         main_run(args)
     text = render(json.loads(args.json.read_text()))

@@ -190,6 +190,22 @@ def test_progress_is_reported_at_every_step():
     assert seen[-1][2] == info["gap"] and math.isclose(seen[-1][1], info["solver_value"])
 
 
+def test_neurons_no_layer_reads_are_dropped_and_given_back_a_tiny_multiplier():
+    problem = random_problem([5, 12, 12, 12, 3], "leaky", 6)
+    problem.weights[2][:, [0, 4, 7]] = 0.0  # three neurons of hidden layer 2 are never read ...
+    problem.weights[1][:, 5] = 0.0  # ... and one of layer 1 only by a dropped neuron:
+    problem.weights[1][[1, 2, 3, 5, 6, 8, 9, 10, 11], 3] = 0.0  # neuron 3 of layer 1 feeds only 0, 4, 7
+    lams, info = lipsdp_fast.solve(problem)
+    assert info["dropped"] == 5 and info["status"] == "optimal"
+    assert [lam.shape for lam in lams] == [(12,), (12,), (12,)] and all(np.all(lam > 0) for lam in lams)
+    ours = verify(problem, lams)
+    ref = verify(problem, reference_multipliers(problem, "neuron"))
+    assert ours.ok and ours.value <= ref.value * (1 + 1e-6)  # as tight as the reference on the whole problem
+    assert ours.value >= info["lower_value"] * (1 - 1e-9)  # and never below the dual bound
+    layer, info = lipsdp_fast.solve(problem, "layer")  # one multiplier per layer: nothing is dropped
+    assert "dropped" not in info and all(np.ptp(lam) == 0 for lam in layer)
+
+
 def nearly_singular(problem: LipSDPProblem, lams: list[np.ndarray]) -> list[np.ndarray]:
     """lams scaled down until the hidden block is within 1e-13 of singular (bisection on s)."""
     n0 = problem.widths[0]
