@@ -310,7 +310,7 @@ def _attempt_record(s: Solved) -> dict[str, Any]:
     return {"solver": s.solver, "status": s.status, "solver_status": s.solver_status, "solver_value": s.solver_value,
             "verified_value": s.value, "time_s": s.time_s, "verify_time_s": s.verify_time_s,
             # lower_value: the solver's dual bound (sqrt); no multipliers of this variant prove less
-            **{k: v for k, v in s.info.items() if k in ("iterations", "gap", "lower_value", "restarted")}}
+            **{k: v for k, v in s.info.items() if k in ("iterations", "gap", "lower_value", "restarted", "dropped")}}
 
 
 # --------------------------------------------------------------------------------------------
