@@ -126,6 +126,7 @@ def worker(spec: dict) -> dict:
 
         lams, info = solve_cvxpy(problem, spec.get("variant", "neuron"), spec["method"])
     out["time_s"] = time.perf_counter() - t0
+    out["time_limit"] = spec.get("time_limit")
     out["status"] = str(info.get("status"))
     out["solver_value"] = info.get("solver_value")
     if lams is not None:
@@ -261,6 +262,15 @@ def _t(r: dict | None) -> str:
     return f"{r['time_s']:.2f} s"
 
 
+def _status(r: dict) -> str:
+    status = r.get("status")
+    if status in (None, "optimal"):
+        return ""
+    if status == "time_limit" and r.get("time_limit"):
+        return f" (stopped at its {r['time_limit']:.0f} s time limit)"
+    return f" ({status})"
+
+
 def _v(r: dict | None) -> float | None:
     if not r:
         return None
@@ -336,7 +346,7 @@ def render(results: dict) -> str:
             mult = f"{r.get('m', '-')}" + (f" ({r['dropped']} never read: dropped)" if r.get("dropped") else "")
             gen = "; ".join(f"{s}: {(_t(row[s]) + ', ' + str(row[s].get('status'))) if row[s].get('time_s') is not None else row[s].get('status')}" + ("" if _v(row[s]) is None else f", {_fmt(_v(row[s]))}") for s in ("SDPA", "CVXOPT") if s in row)
             out.append(
-                f"| {name} | {r.get('d', '-')} | {mult} | {_t(r)}{'' if r.get('status') in (None, 'optimal') else ' (' + str(r.get('status')) + ')'} | "
+                f"| {name} | {r.get('d', '-')} | {mult} | {_t(r)}{_status(r)} | "
                 f"{r.get('iterations', '-')}{' (restarted)' if r.get('restarted') else ''} | {_fmt(r.get('gap'), 2)} | "
                 f"{_fmt(r.get('peak_rss_mb'), 4)} MB | {'ok' if r.get('verified') else 'rejected'} ({_fmt(r.get('verify_s'), 2)} s) | {_fmt(v)} | {_fmt(r.get('start_value'))} | {_fmt(naive)} | {_fmt(lower)} | "
                 f"{'-' if v is None or not lower else f'{v / lower:.3g}'} | {'-' if not naive or not lower else f'{naive / lower:.3g}'} | {gen or '-'} |"
