@@ -298,6 +298,9 @@ def render(results: dict) -> str:
         "`sdp_problem.verify`, and for lipcert-fast, multipliers moved 1e-6..1e-3 toward its interior start when the proof "
         "needs a margin). LipSDP-Neuron throughout.",
     )
+    if results.get("notes"):  # how this set of results was put together (several invocations)
+        out.append("")
+        out.append(results["notes"])
     out.append("")
     mlp = results.get("mlp", {})
     if mlp:
