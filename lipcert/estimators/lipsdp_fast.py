@@ -179,8 +179,9 @@ class _Work:
         D[0] += torch.eye(self.n0, dtype=F64) * rho
         return _BT(self, D, B)
 
-    def apply_C(self, Z: torch.Tensor) -> tuple[float, np.ndarray, float]:
-        """For a symmetric Z: <E, Z>, (<C_i, Z>)_i and <C0, Z>; reads the block-tridiagonal part."""
+    def apply_C(self, Z: torch.Tensor) -> tuple[float, np.ndarray]:
+        """For a symmetric Z: <E, Z> and (<C_i, Z>)_i; reads the block-tridiagonal part (cheaper
+        than the diagonals of quad(Z) when Q is not needed otherwise)."""
         out = np.empty(self.m)
         for j in range(1, self.layers + 1):
             W = self.tw[j - 1]
@@ -191,10 +192,7 @@ class _Work:
             ue = torch.einsum("ij,ji->i", W, Z[p, q])
             ee = torch.diagonal(Z[q, q])
             out[h] = (-2.0 * self.tpab[h] * uu + 2.0 * self.tsab[h] * ue - 2.0 * ee).numpy()
-        last = self.block(self.layers)
-        Wl = self.tw[-1]
-        c0 = float(torch.einsum("ij,ij->", Wl @ Z[last, last], Wl))
-        return float(torch.trace(Z[: self.n0, : self.n0])), out, c0
+        return float(torch.trace(Z[: self.n0, : self.n0])), out
 
     def quad(self, Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q_st = Y_s^T Z Y_t (m x m) for s, t in {1, 2}, and the input rows (Z Y_1)_0, (Z Y_2)_0."""
@@ -354,11 +352,11 @@ class _DenseS:
     def usolve(self, Z: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(self.L.T, Z, upper=True)
 
-    def inverse(self) -> torch.Tensor:
-        return _sym(torch.cholesky_inverse(self.L))
-
     def solve(self, R: torch.Tensor) -> torch.Tensor:
         return torch.cholesky_solve(R, self.L)
+
+    def inverse(self) -> torch.Tensor:
+        return _sym(torch.cholesky_inverse(self.L))
 
     def rmul(self, X: torch.Tensor) -> torch.Tensor:
         return X @ self.S
@@ -692,7 +690,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         sigma = min(1.0, max(mu_aff / mu, 0.0) ** expon)
         # corrector, with the second-order term Wc = sym(dX_a dS_a S^-1)
         Wc = _sym(solve_S(dS.rmul(dX).T))
-        trW, cW, _ = work.apply_C(Wc)
+        trW, cW = work.apply_C(Wc)
         smu = sigma * mu
         rhs = np.empty(p + 1)
         rhs[0] = -1.0 + smu * trSi - trW
