@@ -236,8 +236,11 @@ def verify_best(problem: LipSDPProblem, lams: list[np.ndarray], interior: list[n
     larger (seen on MNIST 256x2). lambda_t = (1 - t) lambda + t interior is feasible for
     (1 - t) rho + t rho_interior (the feasible set is convex) and keeps t times the interior
     point's distance from singularity, which the proof can see."""
+    def good(v: Verified) -> bool:
+        return v.ok and v.margin is not None and v.margin <= GOOD_MARGIN
+
     best = verify(problem, lams)
-    if interior is None or (best.ok and best.margin is not None and best.margin <= GOOD_MARGIN):
+    if interior is None or good(best):
         return best
     lams = [np.asarray(v, np.float64) for v in lams]
     for t in INTERIOR_STEPS:
@@ -245,7 +248,7 @@ def verify_best(problem: LipSDPProblem, lams: list[np.ndarray], interior: list[n
         cand = verify(problem, moved)
         if cand.ok and (not best.ok or cand.value < best.value):
             best = dataclasses.replace(cand, reason=f"{cand.reason}, after moving the multipliers {t:g} of the way to the solver's interior start")
-        if best.ok and best.margin is not None and best.margin <= GOOD_MARGIN:
+        if good(best):
             break
     return best
 
