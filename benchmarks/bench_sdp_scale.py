@@ -53,6 +53,8 @@ MNIST = ["mnist-net_256x2", "mnist-net_256x4", "mnist-net_256x6"]
 EXTRA = ["ffnnSIGMOID__Point_6x200", "mnist_relu_9_200"]
 # convolutional networks (oval21), convolutions as dense matrices: the cost of a step grows as d^3
 CONV = ["cifar10_small", "cifar_base_kw"]
+# the real-network groups, in table order
+REAL = {"acas": ACAS, "mnist": MNIST, "extra": EXTRA, "conv": CONV}
 # not run: (name, why)
 CONV_NOT_RUN = [
     ("cifar_deep_kw", "d = 9828 (8804 after input compression), 6756 neurons: from the d^3 growth of a step, about 4x the time of cifar_base_kw per step, over an hour in all"),
@@ -177,6 +179,8 @@ def run(spec: dict, cap: float | None) -> dict:
 def main_run(args) -> None:
     results = json.loads(args.json.read_text()) if args.json.exists() and not args.fresh else {}
     results["machine"] = machine()
+    if args.notes:
+        results["notes"] = args.notes
     tmp = Path("/tmp/lipcert_bench_nets")
     tmp.mkdir(exist_ok=True)
 
@@ -212,7 +216,7 @@ def main_run(args) -> None:
                 if row[solver].get("timeout"):
                     stopped[solver] = f"exceeded {args.cap:.0f} s on {name}"
             save()
-    for group, names in (("acas", ACAS), ("mnist", MNIST), ("extra", EXTRA), ("conv", CONV)):
+    for group, names in REAL.items():
         if group not in args.only:
             continue
         res = results.setdefault(group, {})
@@ -335,7 +339,7 @@ def render(results: dict) -> str:
                 cells.append(cell)
             out.append(f"| {name} | {fast.get('d', '-')} | {fast.get('m', '-')} | {_t(fast)} | {' | '.join(cells)} | {_fmt(vf)} | {diff} | {speed('SDPA')} | {speed('CVXOPT')} | {speed('CLARABEL')} |")
         out.append("")
-    real = [(g, n, r) for g in ("acas", "mnist", "extra", "conv") for n, r in results.get(g, {}).items()]
+    real = [(g, n, r) for g in REAL for n, r in results.get(g, {}).items()]
     if real:
         out.append("### Real networks (../shared/models), lipcert-fast alone (LipSDP-Neuron)")
         out.append("")
@@ -367,6 +371,7 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=240.0, help="time cap per generic-solver run, seconds")
     ap.add_argument("--only", default="mlp,acas,mnist,extra", help="comma-separated subset of mlp, acas, mnist, extra, conv (conv: about 2 x --conv-time-limit)")
     ap.add_argument("--conv-time-limit", type=float, default=900.0, help="lipcert-fast's time limit on the convolutional networks, seconds")
+    ap.add_argument("--notes", default="", help="a sentence printed under the script line: how the saved results were put together")
     ap.add_argument("--nets", default="", help="comma-separated real networks to run (default: all of the chosen groups)")
     ap.add_argument("--methods", default="fast,SDPA,CVXOPT,CLARABEL", help="which solvers to run (others keep their saved results)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the raw results are kept")
