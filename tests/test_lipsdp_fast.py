@@ -8,6 +8,7 @@ import math
 import cvxpy as cp
 import numpy as np
 import pytest
+import torch
 
 import lipcert
 from lipcert.estimators import lipsdp_fast
@@ -171,6 +172,65 @@ def test_verify_stays_sound_for_any_multipliers(seed):
         v = verify(problem, lam)
         assert not v.ok or v.value >= best.value * (1 - 1e-4)
     assert not verify(problem, [np.zeros(n) for n in problem.widths[1:]]).ok
+
+
+@pytest.mark.parametrize("act", ["leaky", "tanh"])
+def test_the_paths_for_large_problems_give_the_same_answer(monkeypatch, act):
+    """Above DENSE_DIM rows S is block-tridiagonal and built layer by layer, above EXACT_STEP_DIM
+    step lengths come from Lanczos: forced on a small problem, the same optimum."""
+    problem = random_problem([6, 14, 12, 10, 3], act, 4)
+    small, _ = lipsdp_fast.solve(problem)
+    work = lipsdp_fast._working_problem(problem, scale=True)
+    lam = np.random.default_rng(0).uniform(0.2, 2.0, size=work.m)
+    S_dense = work.S(1.5, lam)
+    monkeypatch.setattr(lipsdp_fast, "DENSE_DIM", 0)
+    monkeypatch.setattr(lipsdp_fast, "EXACT_STEP_DIM", 0)
+    layered = lipsdp_fast._working_problem(problem, scale=True)
+    assert layered.U is None
+    np.testing.assert_allclose(layered.S(1.5, lam), S_dense, atol=1e-12)
+    np.testing.assert_allclose(layered.S_bt(1.5, lam).dense(), S_dense, atol=1e-12)
+    Z = torch.from_numpy(np.random.default_rng(1).normal(size=S_dense.shape))
+    Z = Z + Z.T
+    (tr_a, c_a), (tr_b, c_b) = work.apply_C(Z), layered.apply_C(Z)
+    assert tr_a == pytest.approx(tr_b) and np.allclose(c_a, c_b, atol=1e-12)
+    assert np.allclose(c_a, lipsdp_fast._diag_C(work.quad(Z)), atol=1e-12)  # <C_i, Z> by definition
+    large, info = lipsdp_fast.solve(problem)
+    assert info["status"] == "optimal"
+    a, b = verify(problem, small), verify(problem, large)
+    assert a.ok and b.ok and abs(a.value - b.value) <= 1e-5 * a.value
+
+
+def test_step_length_estimates_are_never_too_short():
+    """Estimated extreme eigenvalues lie inside the spectrum (Ritz values), so an estimated step is
+    at least the exact one: the solver confirms it by a factorisation."""
+    rng = np.random.default_rng(3)
+    for d in (30, 120, 200):
+        B = torch.from_numpy(rng.normal(size=(d, d)))
+        B = (B + B.T) / 2 + torch.diag(torch.from_numpy(rng.exponential(size=d)))
+        ev = torch.linalg.eigvalsh(B)
+        lo, hi = lipsdp_fast._extremes(B, exact=False)
+        assert float(ev[0]) - 1e-10 <= lo <= hi <= float(ev[-1]) + 1e-10
+        assert lipsdp_fast._extremes(B, exact=True) == pytest.approx((float(ev[0]), float(ev[-1])))
+        L = torch.linalg.cholesky(B @ B.T + torch.eye(d, dtype=torch.float64))
+        assert lipsdp_fast._max_step(L, -B) >= lipsdp_fast._max_step(L, -B, exact=True) * (1 - 1e-12)
+
+
+def test_a_step_estimate_that_is_too_long_falls_back_to_the_exact_one(monkeypatch):
+    problem = random_problem([6, 50, 50, 4], "tanh", 2)  # d = 106: block Krylov estimates
+    plain, _ = lipsdp_fast.solve(problem)
+    exact_extremes = lipsdp_fast._extremes
+
+    fallbacks = []
+
+    def too_long(B, exact):  # estimates 10x too close to zero: steps 10x too long
+        lo, hi = exact_extremes(B, exact)
+        fallbacks.append(exact)
+        return (lo, hi) if exact else (lo / 10, hi / 10)
+
+    monkeypatch.setattr(lipsdp_fast, "_extremes", too_long)
+    lams, info = lipsdp_fast.solve(problem)
+    assert info["status"] == "optimal" and any(fallbacks)
+    assert abs(verify(problem, lams).value - verify(problem, plain).value) <= 1e-5 * verify(problem, plain).value
 
 
 def test_a_restart_after_a_stall_still_converges(monkeypatch):
