@@ -34,6 +34,10 @@ MODELS = ROOT.parent / "shared" / "models"
 DEFAULT_JSON = Path("/tmp/lipcert_bench_sdp_scale.json")
 SECTION = "## LipSDP at scale"
 GENERIC = ["SDPA", "CVXOPT", "CLARABEL"]
+# a solve that takes less than REPEAT_BELOW seconds is timed REPEATS times (the median is reported):
+# single runs of 0.05 s vary by 20-50% on a shared machine
+REPEAT_BELOW = 2.0
+REPEATS = 3
 
 # trained MLPs (16 inputs, 10 classes, synthetic data): (name, widths, activation)
 MLPS = [
@@ -119,15 +123,26 @@ def worker(spec: dict) -> dict:
     problem = load_problem(spec)
     out: dict = {"d": problem.dim, "m": problem.n_hidden}
     _warm_up(spec["method"])
-    t0 = time.perf_counter()
-    if spec["method"] == "fast":
-        lams, info = lipsdp_fast.solve(problem, spec.get("variant", "neuron"), time_limit=spec.get("time_limit"))
-        out.update(iterations=info["iterations"], gap=info["gap"], lower_value=info["lower_value"], start_value=info.get("start_value"), restarted=info.get("restarted"), dropped=info.get("dropped"))
-    else:
-        from lipcert.estimators.sdp import solve_cvxpy
+    from lipcert.estimators.sdp import solve_cvxpy
 
-        lams, info = solve_cvxpy(problem, spec.get("variant", "neuron"), spec["method"])
-    out["time_s"] = time.perf_counter() - t0
+    def once():
+        t0 = time.perf_counter()
+        if spec["method"] == "fast":
+            result = lipsdp_fast.solve(problem, spec.get("variant", "neuron"), time_limit=spec.get("time_limit"))
+        else:
+            result = solve_cvxpy(problem, spec.get("variant", "neuron"), spec["method"])
+        return time.perf_counter() - t0, result
+
+    # runs under REPEAT_BELOW seconds are repeated, for every solver alike: the median of REPEATS
+    t, (lams, info) = once()
+    times = [t]
+    while times[0] < REPEAT_BELOW and len(times) < REPEATS:
+        t, (lams, info) = once()
+        times.append(t)
+    if spec["method"] == "fast":
+        out.update(iterations=info["iterations"], gap=info["gap"], lower_value=info["lower_value"], start_value=info.get("start_value"), restarted=info.get("restarted"), dropped=info.get("dropped"))
+    out["time_s"] = float(np.median(times))
+    out["runs"] = len(times)
     out["time_limit"] = spec.get("time_limit")
     out["status"] = str(info.get("status"))
     out["solver_value"] = info.get("solver_value")
@@ -296,7 +311,8 @@ def render(results: dict) -> str:
         "Solver `lipcert-fast` is `lipcert.estimators.lipsdp_fast` (primal-dual interior point on the (rho, lambda) "
         "space with the rank-two structure of each multiplier, block-tridiagonal S, rescaled layers; one BLAS thread). "
         "The generic solvers run the project's cvxpy formulation (`sdp.solve_cvxpy`, layer-normalised) in separate "
-        "processes with a hard time cap. Times are the solver call (problem construction included for cvxpy); the "
+        "processes with a hard time cap. Times are the solver call (problem construction included for cvxpy; "
+        f"the median of {REPEATS} runs for every solver when one takes under {REPEAT_BELOW:.0f} s); the "
         "float64 re-verification is not included (its time is listed for the real networks). Every value is "
         "`sqrt(rho)` re-verified in float64 after the solver returned, as `lipcert bound --method sdp` does (`sdp.verify_best`: "
         "`sdp_problem.verify`, and for lipcert-fast, multipliers moved 1e-6..1e-3 toward its interior start when the proof "
