@@ -278,7 +278,7 @@ def _t(r: dict | None) -> str:
         return "-"
     if r.get("time_s") is None:
         return r.get("status", "-")
-    return f"{r['time_s']:.2f} s"
+    return f"{r['time_s']:.3f} s" if r["time_s"] < 1 else f"{r['time_s']:.2f} s"
 
 
 def _status(r: dict) -> str:
@@ -341,7 +341,8 @@ def render(results: dict) -> str:
                 if fast.get("time_s") is None:
                     return "-"
                 if r.get("time_s") is not None:
-                    return f"{r['time_s'] / fast['time_s']:.0f}x"
+                    ratio = r["time_s"] / fast["time_s"]
+                    return f"{ratio:.1f}x" if ratio < 20 else f"{ratio:.0f}x"
                 if r.get("timeout"):
                     return f"> {float(r['status'].split()[2]) / fast['time_s']:.0f}x"
                 return "-"
@@ -403,6 +404,10 @@ def main() -> None:
     args.nets = set(filter(None, args.nets.split(",")))
     if not args.render:
         main_run(args)
+    elif args.notes:  # a provenance sentence for results already saved
+        saved = json.loads(args.json.read_text())
+        saved["notes"] = args.notes
+        args.json.write_text(json.dumps(saved, indent=1))
     text = render(json.loads(args.json.read_text()))
     publish(SECTION, text, write=not args.no_write)
 

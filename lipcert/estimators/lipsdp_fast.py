@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 VARIANTS = ("neuron", "layer")
 OPTIONS = ("tol", "max_iter", "time_limit", "scale", "init", "threads", "progress")
 F64 = torch.float64
-# step lengths: a dense eigenvalue problem up to this size, Lanczos above (measured crossover)
+# step lengths: from the dense matrix L^-1 D L^-T up to this size (block Krylov estimates, the exact
+# eigenvalue when an estimate fails), Lanczos on the operator above (measured crossover)
 EXACT_STEP_DIM = 400
 # below this size S is kept dense (fewer, larger operations), above it block-tridiagonal
 DENSE_DIM = 400
