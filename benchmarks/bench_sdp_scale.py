@@ -35,7 +35,7 @@ DEFAULT_JSON = Path("/tmp/lipcert_bench_sdp_scale.json")
 SECTION = "## LipSDP at scale"
 GENERIC = ["SDPA", "CVXOPT", "CLARABEL"]
 # a solve that takes less than REPEAT_BELOW seconds is timed REPEATS times (the median is reported):
-# single runs of 0.05 s vary by 20-50% on a shared machine
+# single runs of one 0.06 s solve took 0.061 s and 0.11 s on this machine
 REPEAT_BELOW = 2.0
 REPEATS = 3
 

@@ -19,26 +19,40 @@ def _enabled() -> bool:
     return not _quiet and sys.stderr.isatty()
 
 
-class Bar:
+class _Line:
+    """One line on stderr that redraws in place (a terminal only)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.start, self.shown = label, time.perf_counter(), False
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def draw(self, text: str) -> None:
+        if not _enabled():
+            return
+        sys.stderr.write("\r" + text)
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown and _enabled():
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class Bar(_Line):
     """A minimal text progress bar; ``update(done)`` redraws it."""
 
     def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.start = label, max(total, 1), time.perf_counter()
+        super().__init__(label)
+        self.total = max(total, 1)
 
     def update(self, done: int) -> None:
-        if not _enabled():
-            return
         frac = min(done / self.total, 1.0)
         width = 30
         fill = int(width * frac)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {elapsed:.1f}s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if _enabled():
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.draw(f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {self.elapsed():.1f}s")
 
 
 @contextmanager
@@ -51,24 +65,11 @@ def bar(label: str, total: int) -> Iterator[Bar]:
         b.close()
 
 
-class Status:
+class Status(_Line):
     """A one-line status that redraws in place (a terminal only): ``update(text)``."""
 
-    def __init__(self, label: str) -> None:
-        self.label, self.start, self.shown = label, time.perf_counter(), False
-
     def update(self, text: str) -> None:
-        if not _enabled():
-            return
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r{self.label}: {text} ({elapsed:.0f} s)\033[K")
-        sys.stderr.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown and _enabled():
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.draw(f"{self.label}: {text} ({self.elapsed():.0f} s)\033[K")
 
 
 @contextmanager

@@ -368,6 +368,7 @@ class _DenseS:
     def __init__(self, work: "_Work", S: torch.Tensor):
         self.work, self.S = work, S
         self.L: torch.Tensor | None = None
+        self.Sinv: torch.Tensor | None = None  # kept by inverse(): solve() is then one product
 
     def factor(self) -> bool:
         L, info = torch.linalg.cholesky_ex(self.S)
@@ -384,10 +385,13 @@ class _DenseS:
         return torch.linalg.solve_triangular(self.L.T, Z, upper=True)
 
     def solve(self, R: torch.Tensor) -> torch.Tensor:
-        return torch.cholesky_solve(R, self.L)
+        """S^-1 R: one product once inverse() has run (the solver needs S^-1 anyway; the block-
+        tridiagonal _BT substitutes instead, O(d^2 n) where a product would be O(d^3))."""
+        return self.Sinv @ R if self.Sinv is not None else torch.cholesky_solve(R, self.L)
 
     def inverse(self) -> torch.Tensor:
-        return _sym(torch.cholesky_inverse(self.L))
+        self.Sinv = _sym(torch.cholesky_inverse(self.L))
+        return self.Sinv
 
     def rmul(self, X: torch.Tensor) -> torch.Tensor:
         return X @ self.S
@@ -723,9 +727,6 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         if it > 1:
             Sinv = S.inverse()
         QS = work.quad(Sinv)
-        # S^-1 R: with the inverse at hand when S is small and dense, by block substitution when
-        # it is large and block-tridiagonal (O(d^2 n) instead of O(d^3))
-        solve_S = (lambda R: Sinv @ R) if isinstance(S, _DenseS) else S.solve
         trSi, cSi = float(torch.trace(Sinv[:n0, :n0])), _diag_C(QS)
         M_ll = 0.25 * (QX[0] * QS[0] + QX[2] * QS[2] - QX[1] * QS[1] - (QX[1] * QS[1]).T)
         M_rl = 0.5 * (torch.einsum("ij,ij->j", QS[3], QX[3]) - torch.einsum("ij,ij->j", QS[4], QX[4]))
@@ -749,7 +750,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
 
         # predictor: dX = -X - sym(X dS S^-1); S^-1 (dS X) is the transpose of X dS S^-1
         dy, dS = direction(b)
-        dX = -X - _sym(solve_S(dS.rmul(X).T))
+        dX = -X - _sym(S.solve(dS.rmul(X).T))
         dth = dy[1:]
         dx = -x - x * dth / theta
         # predictor step lengths, for sigma only, from one eigenvalue estimate: the dual one from
@@ -765,7 +766,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         expon = max(1.0, 3.0 * min(ap, ad) ** 2)
         sigma = min(1.0, max(mu_aff / mu, 0.0) ** expon)
         # corrector, with the second-order term Wc = sym(dX_a dS_a S^-1)
-        Wc = _sym(solve_S(dS.rmul(dX).T))
+        Wc = _sym(S.solve(dS.rmul(dX).T))
         trW, cW = work.apply_C(Wc)
         smu = sigma * mu
         rhs = np.empty(p + 1)
@@ -774,7 +775,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         dx_a, dth_a = dx, dth
         dy, dS = direction(rhs)
         dth = dy[1:]
-        dX = smu * Sinv - X - Wc - _sym(solve_S(dS.rmul(X).T))
+        dX = smu * Sinv - X - Wc - _sym(S.solve(dS.rmul(X).T))
         del Wc
         dx = smu / theta - x - dx_a * dth_a / theta - x * dth / theta
         # a cone that allows 1 / 0.99 takes a full step (one Cholesky decides it, before any
@@ -789,15 +790,20 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         ap = 1.0 if p_full else min(1.0, gamma * ap)
         ad = 1.0 if d_full else min(1.0, gamma * ad)
         # primal step: X stays positive definite (a step from a block Krylov estimate that fails is
-        # replaced by gamma x the exact one; after that, or if that is no shorter, it is shortened)
+        # replaced by gamma x the exact one; after that, it is shortened)
         exact = p_full or d > EXACT_STEP_DIM
         for _ in range(30):
             X_new = _sym(X + ap * dX)
             LX_new = _chol(X_new)
             if LX_new is not None:
                 break
-            shorter = 0.8 * ap if exact else min(1.0, gamma * min(ap_vec, _max_step(LX, dX, exact=True)))
-            ap, exact = (shorter if shorter < ap else 0.8 * ap), True
+            if not exact:  # the step came from an estimate: gamma x the exact one, when that is shorter
+                exact = True
+                retry = min(1.0, gamma * min(ap_vec, _max_step(LX, dX, exact=True)))
+                if retry < ap:
+                    ap = retry
+                    continue
+            ap *= 0.8
         else:
             status = "stalled"
             break
@@ -809,8 +815,13 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
             S_new = S.plus(ad, dS)
             if np.all(th_new > 0) and S_new.factor():
                 break
-            shorter = 0.5 * ad if exact else min(1.0, gamma * min(ad_vec, _max_step_bt(S, dS, exact=True)))
-            ad, exact = (shorter if shorter < ad else 0.5 * ad), True
+            if not exact:
+                exact = True
+                retry = min(1.0, gamma * min(ad_vec, _max_step_bt(S, dS, exact=True)))
+                if retry < ad:
+                    ad = retry
+                    continue
+            ad *= 0.5
         else:
             status = "stalled"
             break
