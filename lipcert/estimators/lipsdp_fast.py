@@ -576,6 +576,23 @@ def _max_step_bt(S: "_BT", dS: "_BT", exact: bool = False) -> float:
     return _step_from(_dual_extremes(S, dS, exact)[0])
 
 
+def _accepted_step(step: float, accept, exact_step, shrink: float):
+    """(step, accept(step)) for the first step that ``accept`` takes (it returns None to refuse):
+    ``step``, then once ``exact_step()`` when given and shorter (``step`` came from an estimate that
+    can be too long), then ``shrink`` times shorter each time; (step, None) after 30 refusals."""
+    for _ in range(30):
+        out = accept(step)
+        if out is not None:
+            return step, out
+        if exact_step is not None:
+            retry, exact_step = exact_step(), None
+            if retry < step:
+                step = retry
+                continue
+        step *= shrink
+    return step, None
+
+
 def _max_step_vec(v: np.ndarray, dv: np.ndarray) -> float:
     neg = dv < 0
     return float(np.min(-v[neg] / dv[neg])) if np.any(neg) else math.inf
@@ -789,45 +806,31 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         gamma = 0.9 + 0.09 * min(ap, ad, 1.0)
         ap = 1.0 if p_full else min(1.0, gamma * ap)
         ad = 1.0 if d_full else min(1.0, gamma * ad)
-        # primal step: X stays positive definite (a step from a block Krylov estimate that fails is
-        # replaced by gamma x the exact one; after that, it is shortened)
-        exact = p_full or d > EXACT_STEP_DIM
-        for _ in range(30):
-            X_new = _sym(X + ap * dX)
-            LX_new = _chol(X_new)
-            if LX_new is not None:
-                break
-            if not exact:  # the step came from an estimate: gamma x the exact one, when that is shorter
-                exact = True
-                retry = min(1.0, gamma * min(ap_vec, _max_step(LX, dX, exact=True)))
-                if retry < ap:
-                    ap = retry
-                    continue
-            ap *= 0.8
-        else:
+        # primal and dual steps: X and S stay positive definite in floating point
+        def primal(a: float):
+            X_a = _sym(X + a * dX)
+            L_a = _chol(X_a)
+            return None if L_a is None else (X_a, L_a)
+
+        def dual(a: float):
+            th_a, S_a = theta + a * dth, S.plus(a, dS)
+            return (th_a, rho + a * dy[0], S_a) if np.all(th_a > 0) and S_a.factor() else None
+
+        # a step from a block Krylov estimate that X or S refuses: gamma x the exact one instead
+        def exact_primal() -> float:
+            return min(1.0, gamma * min(ap_vec, _max_step(LX, dX, exact=True)))
+
+        def exact_dual() -> float:
+            return min(1.0, gamma * min(ad_vec, _max_step_bt(S, dS, exact=True)))
+
+        estimated = d <= EXACT_STEP_DIM  # above, Lanczos: no exact value to fall back to
+        ap, p_new = _accepted_step(ap, primal, exact_primal if estimated and not p_full else None, 0.8)
+        ad, d_new = _accepted_step(ad, dual, exact_dual if estimated and not d_full else None, 0.5)
+        if p_new is None or d_new is None:
             status = "stalled"
             break
-        # dual step: S stays positive definite in floating point
-        exact = d_full or d > EXACT_STEP_DIM
-        for _ in range(30):
-            th_new = theta + ad * dth
-            rho_new = rho + ad * dy[0]
-            S_new = S.plus(ad, dS)
-            if np.all(th_new > 0) and S_new.factor():
-                break
-            if not exact:
-                exact = True
-                retry = min(1.0, gamma * min(ad_vec, _max_step_bt(S, dS, exact=True)))
-                if retry < ad:
-                    ad = retry
-                    continue
-            ad *= 0.5
-        else:
-            status = "stalled"
-            break
-        X, LX = X_new, LX_new
+        (X, LX), (theta, rho, S) = p_new, d_new
         x = x + ap * dx
-        rho, theta, S = rho_new, th_new, S_new
         log.debug("   ap %.3f ad %.3f sigma %.3g", ap, ad, sigma)
         short_steps = short_steps + 1 if min(ap, ad) < 0.5 else 0
         if short_steps >= STALL_STEPS and not restarted:
