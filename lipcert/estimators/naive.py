@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from ..config import Settings
-from ..graph import Activation, Affine, Concat, Graph, MaxPool, Node, Sum
+from ..graph import Activation, Affine, Concat, Extremum, Graph, MaxPool, Node, NormPool, Sort, Sum
 from ..result import LayerNorm, Result
 from .base import SAFETY, register
 
@@ -23,20 +23,21 @@ def default_node_norm(node: Node, norm: str) -> tuple[float, bool, str]:
 def node_lipschitz_bounds(graph: Graph, norm: str, node_norm: NodeNorm = default_node_norm, margin: float = SAFETY) -> tuple[dict[str, float], list[LayerNorm]]:
     """Lipschitz constants from the input to every node's output, composed along the graph:
     products along chains, sums over the branches of a Sum, and the norm-dependent rule for
-    Concat. ``node_norm`` gives each single-input node's constant; with ``margin`` > 0 each is
+    Concat (and for an elementwise Max/Min of several tensors, which changes by at most as much
+    per entry as the concatenation of its inputs). ``node_norm`` gives each single-input node's constant; with ``margin`` > 0 each is
     enlarged by that relative margin (for proven bounds)."""
     total = {Graph.INPUT: 1.0}
     layers: list[LayerNorm] = []
     for n in graph.nodes:
         ins = [total[i] for i in n.inputs]
-        if isinstance(n, (Affine, Activation, MaxPool)):
+        if isinstance(n, (Affine, Activation, MaxPool, Sort, NormPool)):
             value, exact, how = node_norm(n, norm)
             value *= 1.0 + margin
             total[n.name] = value * ins[0]
             layers.append(LayerNorm(n.name, n.op, value, exact, how, total[n.name]))
         elif isinstance(n, Sum):
             total[n.name] = sum(abs(c) * v for c, v in zip(n.coeffs, ins))
-        elif isinstance(n, Concat):
+        elif isinstance(n, (Concat, Extremum)):
             if norm == "2":
                 total[n.name] = math.sqrt(sum(v * v for v in ins)) * (1.0 + margin)
             elif norm == "inf":

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ModelError
 from .linear import Composed, LinearOp
-from .nodes import Activation, Affine, Concat, MaxPool, Node, Sum, finite
+from .nodes import Activation, Affine, Concat, Extremum, MaxPool, Node, NormPool, Sort, Sum, finite
 
 
 @dataclass
@@ -158,8 +158,12 @@ class Graph:
                 detail = f"coefficients {n.coeffs}"
             elif isinstance(n, Concat):
                 detail = f"axis {n.axis}"
+            elif isinstance(n, (Sort, NormPool)):
+                detail = n.describe()
+            elif isinstance(n, Extremum):
+                detail = f"elementwise {n.mode} of {len(n.inputs)} tensors"
             rows.append({"name": n.name, "op": n.op, "type": type(n).__name__, "inputs": n.inputs, "out_shape": list(n.out_shape), "detail": detail})
         return rows
 
 
-__all__ = ["Graph", "Node", "Affine", "Activation", "MaxPool", "Sum", "Concat", "LinearOp"]
+__all__ = ["Graph", "Node", "Affine", "Activation", "MaxPool", "Sum", "Concat", "Sort", "NormPool", "Extremum", "LinearOp"]

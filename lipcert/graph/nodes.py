@@ -1,4 +1,5 @@
-"""Graph nodes: affine maps, elementwise activations, max-pooling, sums and concatenations.
+"""Graph nodes: affine maps, elementwise activations, max-pooling, sorting, L2-norm pooling, sums,
+elementwise maxima and concatenations.
 
 Each node names its producers in ``inputs`` (node names, or ``Graph.INPUT``), knows its output
 shape, computes its forward pass on a batch ``(B, *shape)`` in float64, and gives its Lipschitz
@@ -62,7 +63,7 @@ class Activation(Node):
     kind: str = "relu"
     params: dict = field(default_factory=dict)
 
-    KINDS = ("relu", "leaky_relu", "prelu", "sigmoid", "tanh", "elu", "softplus", "clip")
+    KINDS = ("relu", "leaky_relu", "prelu", "sigmoid", "tanh", "elu", "softplus", "clip", "abs")
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
@@ -86,6 +87,8 @@ class Activation(Node):
             return F.softplus(x)
         if k == "clip":
             return torch.clamp(x, p.get("min"), p.get("max"))
+        if k == "abs":
+            return torch.abs(x)
         raise AssertionError(k)
 
     @property
@@ -106,6 +109,8 @@ class Activation(Node):
         if k == "clip":
             lo, hi = p.get("min"), p.get("max")
             return (0.0, 0.0 if lo is not None and hi is not None and hi <= lo else 1.0)
+        if k == "abs":  # | |a| - |b| | <= |a - b|, and the slope is -1 left of 0
+            return (-1.0, 1.0)
         return (0.0, 1.0)  # relu, tanh, softplus
 
     def parameters(self) -> list[torch.Tensor]:
@@ -186,6 +191,110 @@ class Concat(Node):
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         return torch.cat(xs, dim=self.axis + 1)
+
+
+@dataclass
+class Sort(Node):
+    """Order statistics along one axis: ``y = sort(x, axis)[ranks]`` (ascending; ``ranks`` are
+    positions in the sorted order, e.g. ``(n-1,)`` for ReduceMax, ``(0, n-1)`` for the concatenated
+    min and max of GroupSort2/MaxMin, ``(n-1, ..., n-k)`` for TopK).
+
+    Proof of the constant. For vectors a, b of one group, ``||sort(a) - sort(b)||_p <= ||a - b||_p``
+    for every p >= 1 (rearrangement: if a_i < a_j and b_i > b_j, swapping b_i, b_j does not increase
+    sum_i |a_i - b_i|^p, since t -> |t|^p is convex; repeated swaps sort b, and for p = inf take the
+    limit). Each axis fibre is one group and the fibres are disjoint, so the full sort is 1-Lipschitz
+    in l1, l2 and linf. Selecting the ranks is a coordinate projection P; when a rank appears c times
+    ||P y||_p <= c^(1/p) ||y||_p. So L = c^(1/2) (l2), 1 (linf), c (l1); for distinct ranks L = 1.
+    These values are attained (move only the selected entry of one fibre), so they are exact."""
+
+    axis: int = 0  # axis of the (batch-free) input shape
+    ranks: tuple[int, ...] = ()
+    in_shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        n = self.in_shape[self.axis] if self.in_shape else 0
+        if not self.ranks or any(not 0 <= r < n for r in self.ranks):
+            raise ValueError(f"ranks {self.ranks} must be positions in an axis of size {n}")
+        self._index = torch.tensor(self.ranks, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = torch.sort(x, dim=self.axis + 1).values
+        if self.ranks == tuple(range(self.in_shape[self.axis])):
+            return values
+        return values.index_select(self.axis + 1, self._index.to(x.device))
+
+    @property
+    def multiplicity(self) -> int:
+        return max(self.ranks.count(r) for r in set(self.ranks))
+
+    def lipschitz(self, p: str) -> tuple[float, bool, str]:
+        c = self.multiplicity
+        if c == 1:
+            return 1.0, True, "sorting / order statistics: 1-Lipschitz in every lp"
+        return {"2": math.sqrt(c), "inf": 1.0, "1": float(c)}[p], True, f"order statistics, a rank repeated {c} times"
+
+    def describe(self) -> str:
+        n = self.in_shape[self.axis]
+        what = "full sort" if self.ranks == tuple(range(n)) else f"ranks {list(self.ranks)}"
+        return f"{what} of groups of {n} along axis {self.axis}"
+
+
+@dataclass
+class NormPool(Node):
+    """L2-norm pooling: ``y_w = c * sqrt(sum_i a_wi x_i^2)`` for the non-negative weights ``a`` of
+    an average pooling ``pool`` (LPPool with p = 2 is c = sqrt(kernel size)).
+
+    Proof of the constants. With D_w = diag(a_w.), ``y_w = c ||D_w^(1/2) x||_2``, so by the triangle
+    inequality |y_w(x) - y_w(x')| <= c ||D_w^(1/2) d||_2 with d = x - x'. Then
+      l2:   ||dy||^2 <= c^2 sum_w sum_i a_wi d_i^2 <= c^2 max_i (sum_w a_wi) ||d||^2, so
+            L = c sqrt(||A||_1) (A's largest column sum);
+      linf: |dy_w| <= c sqrt(sum_i a_wi) ||d||_inf, so L = c sqrt(||A||_inf) (largest row sum);
+      l1:   |dy_w| <= c ||D_w^(1/2) d||_1, so L = c max_i sum_w sqrt(a_wi).
+    Each is attained (from x' = 0: one entry moved for l2 and l1, one whole window for linf), so
+    the values are exact. Disjoint windows of k entries with c = sqrt(k) give 1 in l2."""
+
+    pool: object = None  # an AvgPool LinearOp
+    factor: float = 1.0  # c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.pool.apply(x * x)
+        # sqrt with a zero gradient at 0 (instead of inf), so that searches never see NaN
+        positive = s > 0
+        return self.factor * torch.where(positive, s, torch.ones_like(s)).sqrt() * positive
+
+    def lipschitz(self, p: str) -> tuple[float, bool, str]:
+        c = abs(self.factor)
+        if p == "2":
+            return c * math.sqrt(self.pool.exact_norm("1")), True, "L2-norm pooling: c sqrt(max column sum)"
+        if p == "inf":
+            return c * math.sqrt(self.pool.exact_norm("inf")), True, "L2-norm pooling: c sqrt(max row sum)"
+        # sqrt(a_wi) = a_wi sqrt(d_w) where a_wi = 1 / d_w on the window's entries
+        divisor = self.pool._divisor
+        if divisor is None:
+            divisor = torch.full((1, *self.pool.out_shape), float(np.prod(self.pool.kernel)), dtype=torch.float64)
+        colsums = self.pool.adjoint(divisor.sqrt())
+        return c * float(colsums.max()), True, "L2-norm pooling: c max_i sum_w sqrt(a_wi)"
+
+    def describe(self) -> str:
+        return f"l2 norm of windows {self.pool.kernel}, strides {self.pool.strides}, times {self.factor:g}"
+
+
+@dataclass
+class Extremum(Node):
+    """Elementwise max (``mode="max"``) or min of several tensors of one shape (ONNX Max / Min).
+
+    |max_j a_j - max_j b_j| <= max_j |a_j - b_j| (likewise for min), so per entry the change is at
+    most that of the concatenation of the inputs: the constant composes like Concat's, with
+    sqrt(sum_j L_j^2) (l2), max_j L_j (linf) and sum_j L_j (l1)."""
+
+    mode: str = "max"
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = xs[0]
+        fn = torch.maximum if self.mode == "max" else torch.minimum
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
 
 
 def finite(t: torch.Tensor | np.ndarray) -> bool:

@@ -16,6 +16,7 @@ from ..errors import InputError, ModelError, UnsupportedModelError
 from ..graph import Graph
 from ..graph.nodes import Node
 from . import onnx_ops  # noqa: F401  (fills the registry)
+from .patterns import find_l2_pools, fuse_sorts
 from .registry import Unsupported, find_converter, supported_ops
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Context:
         self.vars: dict[str, str] = {}  # ONNX tensor name -> lipcert node name
         self.shapes: dict[str, tuple[int, ...]] = {Graph.INPUT: ()}
         self.nodes: list[Node] = []
+        self.consumed: set[str] = set()  # tensors that some node or the graph output reads
         self.current: onnx.NodeProto | None = None
 
     # --- inputs of the current node ---------------------------------------------------------
@@ -166,12 +168,30 @@ def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = 
     ctx = Context(opset)
     ctx.shapes[Graph.INPUT] = shape
     ctx.vars[inp.name] = Graph.INPUT
+    ctx.consumed = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     for init in model.graph.initializer:
         ctx.consts[init.name] = numpy_helper.to_array(init)
     problems: list[tuple[str, str, str]] = []
     poisoned: set[str] = set()
+    pools = find_l2_pools(model)
+    inside_pools = {k for p in pools.values() for k in p.members}
     for index, node in enumerate(model.graph.node):
         label = node.name or f"#{index} {node.op_type}"
+        if index in inside_pools:  # converted with the idiom's last node
+            continue
+        if index in pools:
+            pool = pools[index]
+            if pool.x in poisoned:
+                poisoned.update(node.output)
+                continue
+            try:
+                ctx.current = node
+                onnx_ops.l2_norm_pool(ctx, node, pool.pool, attributes(pool.pool), pool.x, pool.inner,
+                                      ctx.unique(pool.pool.name or node.name or f"L2NormPool_{index}"))
+            except Unsupported as exc:
+                problems.append(("L2NormPool", label, str(exc)))
+                poisoned.update(node.output)
+            continue
         if node.domain not in ("", "ai.onnx"):
             problems.append((node.op_type, label, f"custom domain '{node.domain}' is not supported"))
             poisoned.update(node.output)
@@ -209,6 +229,7 @@ def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = 
     output = ctx.vars[out_name]
     if output == Graph.INPUT:
         raise UnsupportedModelError([("(graph)", where, "the network is the identity: nothing to bound")])
+    ctx.nodes = fuse_sorts(ctx.nodes, set(ctx.shapes))
     # keep only the nodes the output depends on
     needed, stack = set(), [output]
     by_name = {n.name: n for n in ctx.nodes}

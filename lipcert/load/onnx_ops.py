@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..graph import Activation, Affine, AvgPool, Concat, Conv, MatMul, MaxPool, Pad, Reshape, Scale, Sum, Transpose
+from ..graph import Activation, Affine, AvgPool, Composed, Concat, Conv, Extremum, MatMul, MaxPool, Pad, Reshape, Scale, Sort, Sum, Transpose
 from ..graph.linear import LinearOp
 from .registry import Unsupported, converter
 
@@ -365,6 +365,23 @@ def max_pool(ctx, node, attrs, name):
     ctx.add(mp, node.output[0])
 
 
+def l2_norm_pool(ctx, root, pool, attrs, x: str, inner: float, name: str) -> None:
+    """The L2-norm pooling idiom matched by ``patterns.find_l2_pools``: ``sqrt(inner * pool(x^2))``
+    (not in the registry: its parts are refused on their own)."""
+    from ..graph import NormPool
+
+    shape = ctx.shape(x)
+    nd = len(shape) - 2
+    if pool.op_type == "GlobalAveragePool":
+        lin = AvgPool(shape, tuple(shape[2:]), (1,) * nd, (0,) * (2 * nd), True)
+    else:
+        kernel, strides, dilations, pads = _pool_geometry(attrs, shape)
+        if any(d != 1 for d in dilations):
+            raise Unsupported("dilated L2-norm pooling is not supported")
+        lin = AvgPool(shape, kernel, strides, pads, bool(attrs.get("count_include_pad", 0)))
+    ctx.add(NormPool(name=name, op="L2NormPool", inputs=[ctx.var(x)], out_shape=lin.out_shape, pool=lin, factor=float(np.sqrt(inner))), root.output[0])
+
+
 @converter("GlobalMaxPool")
 def global_max_pool(ctx, node, attrs, name):
     shape = ctx.shape(node.input[0])
@@ -428,12 +445,157 @@ def clip(ctx, node, attrs, name):
     _activation(ctx, node, name, "clip", min=lo, max=hi)
 
 
+@converter("Abs")
+def abs_(ctx, node, attrs, name):
+    _activation(ctx, node, name, "abs")
+
+
+# --- sorting, maxima and minima ---------------------------------------------------------------------
+def _add_sort(ctx, node, name: str, src: str, shape: tuple[int, ...], axis: int, ranks: tuple[int, ...], output: str) -> None:
+    out = list(shape)
+    out[axis] = len(ranks)
+    ctx.add(Sort(name=name, op=node.op_type, inputs=[src], out_shape=tuple(out), axis=axis, ranks=tuple(ranks), in_shape=shape), output)
+
+
+def _reduce_extremum(ctx, node, attrs, name, axes, largest: bool):
+    shape = ctx.shape(node.input[0])
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            ctx.alias(node.output[0], node.input[0])
+            return
+        axes = range(len(shape))
+    axes = sorted({int(a) % len(shape) for a in axes})
+    keep = [i for i in range(len(shape)) if i not in axes]
+    final = tuple(1 if i in axes else n for i, n in enumerate(shape)) if attrs.get("keepdims", 1) else tuple(shape[i] for i in keep)
+    src, cur, axis = ctx.var(node.input[0]), shape, axes[0]
+    if len(axes) > 1:  # bring the reduced axes together at the end: a permutation and a reshape (isometries)
+        perm = tuple(keep + axes)
+        moved = tuple(shape[i] for i in perm)
+        cur = tuple(shape[i] for i in keep) + (int(np.prod([shape[i] for i in axes])),)
+        gather = Affine(name=ctx.unique(f"{name}:group"), op="Transpose+Reshape", inputs=[src], out_shape=cur,
+                        lin=Composed([Transpose(shape, perm), Reshape(moved, cur)]))
+        ctx.add(gather, f"{node.output[0]}:group")
+        src, axis = gather.name, len(keep)
+    n = cur[axis]
+    sort_out = tuple(1 if i == axis else m for i, m in enumerate(cur))
+    if sort_out == final:
+        _add_sort(ctx, node, name, src, cur, axis, (n - 1,) if largest else (0,), node.output[0])
+        return
+    _add_sort(ctx, node, ctx.unique(f"{name}:sort"), src, cur, axis, (n - 1,) if largest else (0,), f"{node.output[0]}:sort")
+    _add_affine(ctx, node, name, Reshape(sort_out, final), src=f"{node.output[0]}:sort")
+
+
+@converter("ReduceMax", "ReduceMin")
+def reduce_extremum_attr(ctx, node, attrs, name):
+    _reduce_extremum(ctx, node, attrs, name, attrs.get("axes"), node.op_type == "ReduceMax")
+
+
+@converter("ReduceMax", "ReduceMin", since=18)
+def reduce_extremum_input(ctx, node, attrs, name):
+    axes = ctx.optional(node, 1)
+    _reduce_extremum(ctx, node, attrs, name, None if axes is None else [int(a) for a in ctx.const(axes, "axes")], node.op_type == "ReduceMax")
+
+
+def _top_k(ctx, node, attrs, name, k: int):
+    if len(node.output) > 1 and node.output[1] in ctx.consumed:
+        raise Unsupported("its Indices output is used (indices are not a Lipschitz function of the input)")
+    if not attrs.get("sorted", 1) and k > 1:
+        raise Unsupported("sorted=0 leaves the order of the k values to the runtime; export with sorted=True")
+    shape = ctx.shape(node.input[0])
+    axis = attrs.get("axis", -1) % len(shape)
+    n = shape[axis]
+    if not 1 <= k <= n:
+        raise Unsupported(f"k={k} is not in 1..{n}")
+    ranks = tuple(range(n - 1, n - 1 - k, -1)) if attrs.get("largest", 1) else tuple(range(k))
+    _add_sort(ctx, node, name, ctx.var(node.input[0]), shape, axis, ranks, node.output[0])
+
+
+@converter("TopK")
+def top_k_attr(ctx, node, attrs, name):
+    _top_k(ctx, node, attrs, name, int(attrs["k"]))
+
+
+@converter("TopK", since=10)
+def top_k_input(ctx, node, attrs, name):
+    _top_k(ctx, node, attrs, name, int(np.asarray(ctx.const(node.input[1], "K")).ravel()[0]))
+
+
+@converter("Max", "Min")
+def extremum(ctx, node, attrs, name):
+    inputs = [i for i in node.input if i]
+    variables = [i for i in inputs if not ctx.is_const(i)]
+    consts = [ctx.const(i) for i in inputs if ctx.is_const(i)]
+    mode = "max" if node.op_type == "Max" else "min"
+    if len(variables) == 1 and len(inputs) == 1:
+        ctx.alias(node.output[0], inputs[0])
+        return
+    shape = ctx.shape(variables[0])
+    if any(ctx.shape(v) != shape for v in variables):
+        raise Unsupported(f"the {mode} of tensors of different shapes {[list(ctx.shape(v)) for v in variables]} (broadcasting) is not supported")
+    if consts:
+        if len(variables) > 1:
+            raise Unsupported(f"the {mode} of several computed tensors and a constant is not supported")
+        c = _broadcast_const(np.maximum.reduce(consts) if mode == "max" else np.minimum.reduce(consts), shape, "operand")
+        # max(x, c) = c + relu(x - c); min(x, c) = c - relu(c - x): affine maps around a ReLU
+        sign = 1.0 if mode == "max" else -1.0
+        var = variables[0]
+        pre = ctx.unique(f"{name}:shift")
+        ctx.add(Affine(name=pre, op=node.op_type, inputs=[ctx.var(var)], out_shape=shape, lin=Scale(shape, np.array(sign)),
+                       bias=torch.from_numpy(np.array(np.broadcast_to(-sign * c, shape)))), f"{node.output[0]}:shift")
+        act = ctx.unique(f"{name}:relu")
+        ctx.add(Activation(name=act, op=node.op_type, inputs=[pre], out_shape=shape, kind="relu"), f"{node.output[0]}:relu")
+        ctx.add(Affine(name=name, op=node.op_type, inputs=[act], out_shape=shape, lin=Scale(shape, np.array(sign)),
+                       bias=torch.from_numpy(np.array(np.broadcast_to(c, shape)))), node.output[0])
+        return
+    ctx.add(Extremum(name=name, op=node.op_type, inputs=[ctx.var(v) for v in variables], out_shape=shape, mode=mode), node.output[0])
+
+
+@converter("Pow")
+def pow_(ctx, node, attrs, name):
+    e = np.asarray(ctx.const(node.input[1], "exponent"), np.float64)
+    if e.size == 1 and float(e.ravel()[0]) == 1.0:
+        ctx.alias(node.output[0], node.input[0])
+        return
+    raise Unsupported(
+        "x^p with p != 1 is not globally Lipschitz; only L2-norm pooling (Pow 2 -> AveragePool -> Pow 0.5 or Sqrt) is recognised"
+    )
+
+
+def _space_depth(ctx, node, attrs, name, to_depth: bool):
+    shape = ctx.shape(node.input[0])
+    if len(shape) != 4:
+        raise Unsupported(f"only 4-D inputs (N, C, H, W) are supported, got {list(shape)}")
+    b = int(attrs["blocksize"])
+    n, c, h, w = shape
+    if to_depth:  # (n, c, h/b, b, w/b, b) -> (n, b, b, c, h/b, w/b)
+        split, perm, out = (n, c, h // b, b, w // b, b), (0, 3, 5, 1, 2, 4), (n, c * b * b, h // b, w // b)
+    elif attrs.get("mode", "DCR") == "DCR":  # (n, b, b, c/b^2, h, w) -> (n, c/b^2, h, b, w, b)
+        split, perm, out = (n, b, b, c // (b * b), h, w), (0, 3, 4, 1, 5, 2), (n, c // (b * b), h * b, w * b)
+    else:  # CRD
+        split, perm, out = (n, c // (b * b), b, b, h, w), (0, 1, 4, 2, 5, 3), (n, c // (b * b), h * b, w * b)
+    t = Transpose(split, perm)
+    _add_affine(ctx, node, name, Composed([Reshape(shape, split), t, Reshape(t.out_shape, out)]))
+
+
+@converter("DepthToSpace")
+def depth_to_space(ctx, node, attrs, name):
+    _space_depth(ctx, node, attrs, name, False)
+
+
+@converter("SpaceToDepth")
+def space_to_depth(ctx, node, attrs, name):
+    _space_depth(ctx, node, attrs, name, True)
+
+
 # Ops that are refused with a specific hint (they are not in the registry).
 HINTS: dict[str, str] = {
     "Softmax": "a softmax output is not bounded: load the model up to its logits (remove the Softmax node)",
     "LogSoftmax": "load the model up to its logits (remove the LogSoftmax node)",
     "Gather": "indexing a tensor computed from the input is not supported",
     "Slice": "slicing a tensor computed from the input is not supported yet",
+    "Sqrt": "the square root is not Lipschitz at 0; only L2-norm pooling (Pow 2 -> AveragePool -> Sqrt) is recognised",
+    "Sign": "the sign is not continuous; it is accepted only in the guard torch's LPPool emits (L2-norm pooling)",
+    "Reciprocal": "1/x is not globally Lipschitz",
     "LSTM": "recurrent layers are not supported",
     "GRU": "recurrent layers are not supported",
     "RNN": "recurrent layers are not supported",

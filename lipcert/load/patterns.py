@@ -1,0 +1,202 @@
+"""Idioms that span several ONNX nodes and are Lipschitz only as a whole.
+
+* **L2-norm pooling** (torch's ``LPPool`` with p = 2, deel-torchlip's ``ScaledL2NormPool2d``):
+  ``Pow(x, 2) -> AveragePool -> [Sign/Abs/Relu/Mul guard] -> [Mul c] -> Pow(., 0.5) | Sqrt``.
+  Its parts (a square, a square root) are not globally Lipschitz, the whole is: it becomes one
+  ``NormPool`` node. Found on the ONNX graph before conversion (``find_l2_pools``).
+* **Sorting idioms** (deel-torchlip's ``GroupSort2`` and ``MaxMin``): a ``Concat`` of the min and
+  the max of the same groups, or of ``relu(x)`` and ``relu(-x)``. Converted node by node they are
+  two branches whose constants add (sqrt(2) in l2); as one sort the constant is 1 in every lp.
+  Rewritten on lipcert's nodes after conversion (``fuse_sorts``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..graph import Activation, Affine, Composed, Concat, Node, Pad, Reshape, Scale, Sort
+
+
+# --- L2-norm pooling on the ONNX graph ---------------------------------------------------------------
+@dataclass
+class L2Pool:
+    """A matched L2-norm pooling: ``out = sqrt(inner * pool(x^2))``."""
+
+    x: str  # the pooled tensor
+    pool: onnx.NodeProto  # AveragePool or GlobalAveragePool
+    inner: float  # the constant multiplying the pooled squares under the root
+    members: set[int]  # indices of the matched nodes other than the last
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
+
+
+def _scalar(consts: dict[str, np.ndarray], name: str) -> float | None:
+    v = consts.get(name)
+    return float(np.asarray(v, np.float64).ravel()[0]) if v is not None and np.asarray(v).size == 1 else None
+
+
+def find_l2_pools(model: onnx.ModelProto) -> dict[int, L2Pool]:
+    """The L2-norm poolings of a model, keyed by the index of their final (root) node."""
+    nodes = list(model.graph.node)
+    consts = _constants(model)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    readers: dict[str, set[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in n.input:
+            readers.setdefault(i, set()).add(k)
+    outputs = {o.name for o in model.graph.output}
+
+    def node_of(tensor: str) -> tuple[int, onnx.NodeProto] | None:
+        k = producer.get(tensor)
+        return None if k is None else (k, nodes[k])
+
+    def var_and_const(n: onnx.NodeProto) -> tuple[str, float] | None:
+        a, b = n.input[0], n.input[1]
+        for var, c in ((a, b), (b, a)):
+            value = _scalar(consts, c)
+            if value is not None and var not in consts:
+                return var, value
+        return None
+
+    found: dict[int, L2Pool] = {}
+    for root, n in enumerate(nodes):
+        if not (n.op_type == "Sqrt" or (n.op_type == "Pow" and _scalar(consts, n.input[1]) == 0.5)):
+            continue
+        members: set[int] = set()
+        inner, t = 1.0, n.input[0]
+        while (hit := node_of(t)) is not None:
+            k, m = hit
+            if m.op_type in ("Mul", "Div") and (vc := var_and_const(m)) is not None and (m.op_type == "Mul" or vc[0] == m.input[0]):
+                if vc[1] <= 0:
+                    break
+                inner *= vc[1] if m.op_type == "Mul" else 1.0 / vc[1]
+                members.add(k)
+                t = vc[0]
+            elif m.op_type == "Relu" or (m.op_type == "Abs"):  # identities on the non-negative pooled squares
+                members.add(k)
+                t = m.input[0]
+            elif m.op_type == "Mul" and len(m.input) == 2:  # sign(w) * relu(abs(w)) = w for w >= 0
+                a, b = (node_of(i) for i in m.input)
+                sign = next((h for h in (a, b) if h and h[1].op_type == "Sign"), None)
+                other = b if sign is a else a
+                chain, cur = [], other
+                while cur is not None and cur[1].op_type in ("Relu", "Abs"):
+                    chain.append(cur[0])
+                    cur = node_of(cur[1].input[0])
+                if sign is None or not chain or nodes[chain[-1]].input[0] != sign[1].input[0]:
+                    break
+                members.update([k, sign[0], *chain])
+                t = sign[1].input[0]
+            else:
+                break
+        pool = node_of(t)
+        if pool is None or pool[1].op_type not in ("AveragePool", "GlobalAveragePool"):
+            continue
+        square = node_of(pool[1].input[0])
+        if square is None:
+            continue
+        sq = square[1]
+        if sq.op_type == "Pow" and _scalar(consts, sq.input[1]) == 2.0:
+            x = sq.input[0]
+        elif sq.op_type == "Mul" and sq.input[0] == sq.input[1]:
+            x = sq.input[0]
+        else:
+            continue
+        members.update([pool[0], square[0]])
+        # every intermediate result must be read only inside the idiom
+        inside = members | {root}
+        if any(not readers.get(o, set()) <= inside or o in outputs for k in members for o in nodes[k].output):
+            continue
+        found[root] = L2Pool(x, pool[1], inner, members)
+    return found
+
+
+# --- sorting idioms on lipcert's nodes ----------------------------------------------------------------
+def _negation_of(node: Node) -> str | None:
+    """The input of an affine node that is exactly x -> -x, else None."""
+    if isinstance(node, Affine) and node.bias is None and isinstance(node.lin, Scale):
+        f = node.lin.factor
+        if f.numel() and bool((f == -1.0).all()):
+            return node.inputs[0]
+    return None
+
+
+def _maxmin(concat: Concat, by_name: dict[str, Node], unique) -> list[Node] | None:
+    """Concat(relu(x), relu(-x)) (either order) along axis a: the sort of each pair (x_i, 0),
+    with the min's sign flipped. Built as: embed x as pairs (x_i, 0) on a new axis (a reshape and a
+    zero pad: isometries), sort each pair, then sign and reshape back into the concat layout."""
+    if len(concat.inputs) != 2:
+        return None
+    acts = [by_name.get(i) for i in concat.inputs]
+    if not all(isinstance(a, Activation) and a.kind == "relu" for a in acts):
+        return None
+    srcs = [a.inputs[0] for a in acts]
+    neg = [_negation_of(by_name[s]) if s in by_name else None for s in srcs]
+    if neg[1] is not None and neg[1] == srcs[0]:
+        x, order = srcs[0], (1, 0)  # (relu(x), relu(-x)) = (max(x, 0), -min(x, 0))
+    elif neg[0] is not None and neg[0] == srcs[1]:
+        x, order = srcs[1], (0, 1)
+    else:
+        return None
+    shape = acts[0].out_shape
+    a = concat.axis
+    lifted = shape[:a] + (1,) + shape[a:]
+    pairs = shape[:a] + (2,) + shape[a:]
+    embed = Affine(name=unique(f"{concat.name}:pairs"), op="MaxMin", inputs=[x], out_shape=pairs,
+                   lin=Composed([Reshape(shape, lifted), Pad(lifted, (0,) * a + (0,) + (0,) * (len(shape) - a), (0,) * a + (1,) + (0,) * (len(shape) - a))]))
+    sort = Sort(name=unique(f"{concat.name}:sort"), op="MaxMin", inputs=[embed.name], out_shape=pairs, axis=a, ranks=order, in_shape=pairs)
+    signs = np.ones((2,) + (1,) * (len(shape) - a))
+    signs[order.index(0)] = -1.0  # the min of (x_i, 0) is -relu(-x_i)
+    out = Affine(name=concat.name, op="MaxMin", inputs=[sort.name], out_shape=concat.out_shape,
+                 lin=Composed([Scale(pairs, signs), Reshape(pairs, concat.out_shape)]))
+    return [embed, sort, out]
+
+
+def _sort_concat(concat: Concat, by_name: dict[str, Node]) -> list[Node] | None:
+    """Concat of order statistics of the same groups, along the sorted axis: one Sort."""
+    parts = [by_name.get(i) for i in concat.inputs]
+    if not all(isinstance(p, Sort) for p in parts):
+        return None
+    first = parts[0]
+    if any(p.inputs != first.inputs or p.axis != first.axis or p.in_shape != first.in_shape for p in parts) or concat.axis != first.axis:
+        return None
+    ranks = tuple(r for p in parts for r in p.ranks)
+    return [Sort(name=concat.name, op="+".join(dict.fromkeys([p.op for p in parts] + ["Concat"])), inputs=list(first.inputs),
+                 out_shape=concat.out_shape, axis=first.axis, ranks=ranks, in_shape=first.in_shape)]
+
+
+def fuse_sorts(nodes: list[Node], taken: set[str]) -> list[Node]:
+    """Replace every sorting idiom by the equivalent sort (same output name, same function).
+    ``taken``: names in use (new node names avoid them). Nodes left unread are pruned later."""
+    names = set(taken) | {n.name for n in nodes}
+
+    def unique(base: str) -> str:
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.add(name)
+        return name
+
+    by_name = {n.name: n for n in nodes}
+    out: list[Node] = []
+    for n in nodes:
+        new = None
+        if isinstance(n, Concat):
+            new = _sort_concat(n, by_name) or _maxmin(n, by_name, unique)
+        if new:
+            out.extend(new)
+            by_name.update({m.name: m for m in new})
+        else:
+            out.append(n)
+    return out
