@@ -3,10 +3,16 @@
 The module is exported with torch's TorchScript-based exporter (``dynamo=False``), which ships
 with torch itself; the newer exporter needs the optional ``onnxscript`` package. The resulting
 graph is checked against the module on random inputs.
+
+Weight parametrisations (``torch.nn.utils.parametrize``: orthogonal, spectral_norm, weight_norm,
+deel-torchlip's spectral and Björck layers, any user parametrisation; and the older hook-based
+``spectral_norm`` / ``weight_norm``) are frozen on a deep copy in eval mode: each weight becomes the
+tensor the module uses at inference. The user's module is never modified, nor even called.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -19,23 +25,66 @@ from ..graph import Graph
 from .onnx_loader import onnx_to_graph
 
 
-def module_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
-    was_training = module.training
-    module.eval()
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode whose parametrised weights are plain tensors (the values the module
+    uses at inference)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
     try:
-        example = torch.zeros(input_shape, dtype=next(iter(module.parameters()), torch.zeros(1)).dtype)
+        frozen = copy.deepcopy(module)
+    except Exception as exc:
+        raise ModelError(f"the module cannot be copied ({type(exc).__name__}: {str(exc)[:200]})", type(module).__name__,
+                         "lipcert works on a copy so as to leave your module untouched; export it to ONNX yourself") from None
+    frozen.eval()
+    with torch.no_grad():
+        for m in frozen.modules():
+            for hook in list(m._forward_pre_hooks.values()):
+                if isinstance(hook, SpectralNorm):
+                    torch.nn.utils.remove_spectral_norm(m, hook.name)
+                elif isinstance(hook, WeightNorm):
+                    torch.nn.utils.remove_weight_norm(m, hook.name)
+            if parametrize.is_parametrized(m):
+                # not parametrize.remove_parametrizations: it deletes the property from the
+                # parametrised class, which the copy shares with the user's module
+                values = {name: getattr(m, name).detach().clone() for name in m.parametrizations.keys()}
+                m.__class__ = type(m).__bases__[0]
+                del m._modules["parametrizations"]
+                for name, value in values.items():
+                    m.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+    return frozen
+
+
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def module_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Export a module (frozen first: see ``frozen_copy``) to an in-memory ONNX model."""
+    module = frozen_copy(module)
+    where = type(module).__name__
+    example = torch.zeros(input_shape, dtype=_dtype(module))
+    tried = f"an input of shape {tuple(input_shape)} (the batch axis included)"
+    try:
+        with torch.no_grad():
+            module(example)
+    except Exception as exc:
+        hint = (f"input_shape is the shape of a whole batch, batch axis first: for examples of shape {tuple(input_shape)} "
+                f"pass {(1, *input_shape)}; check that module(torch.zeros(input_shape)) runs")
+        raise ModelError(f"the module cannot be evaluated on {tried}: {type(exc).__name__}: {str(exc)[:300]}", where, hint) from None
+    try:
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17, input_names=["input"], output_names=["output"])
     except Exception as exc:
         raise ModelError(
-            f"torch could not export the module to ONNX ({type(exc).__name__}: {str(exc)[:300]})",
-            type(module).__name__,
-            "use standard layers (Linear, Conv, pooling, batch-norm, activations) or export it to ONNX yourself",
+            f"torch could not export the module to ONNX on {tried} ({type(exc).__name__}: {str(exc)[:300]})",
+            where,
+            "the module runs, but torch.onnx.export (TorchScript) cannot trace it: replace the layer named in the "
+            "message, or export the model to ONNX yourself and load the file",
         ) from None
-    finally:
-        module.train(was_training)
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -45,13 +94,14 @@ def torch_to_graph(module: torch.nn.Module, input_shape: tuple[int, ...] | None)
     shape = tuple(int(n) for n in input_shape)
     model = module_to_onnx(module, shape)
     graph = onnx_to_graph(model, shape, source=f"torch module {type(module).__name__}")
-    crosscheck_module(graph, module)
+    crosscheck_module(graph, frozen_copy(module))
     return graph
 
 
 def crosscheck_module(graph: Graph, module: torch.nn.Module, samples: int = 4, seed: int = 0) -> None:
+    """Compare the graph with ``module`` (which is put in eval mode: pass a copy) on random inputs."""
     rng = np.random.default_rng(seed)
-    dtype = next(iter(module.parameters()), torch.zeros(1, dtype=torch.float32)).dtype
+    dtype = _dtype(module)
     module.eval()
     for _ in range(samples):
         x = rng.normal(size=graph.input_shape)
