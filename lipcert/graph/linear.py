@@ -467,3 +467,22 @@ class Composed(LinearOp):
 
     def describe(self) -> str:
         return " + ".join(op.kind for op in self.ops)
+
+
+class Broadcast(LinearOp):
+    """Numpy broadcasting of a tensor to a larger shape (each entry copied r = out/in times):
+    the norm is sqrt(r) for l2, 1 for linf and r for l1, all attained by a single entry."""
+
+    kind = "broadcast"
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+        if np.broadcast_shapes(tuple(in_shape), tuple(out_shape)) != tuple(out_shape) or len(in_shape) != len(out_shape):
+            raise ValueError(f"cannot broadcast {in_shape} to {out_shape}")
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(x.shape[0], *self.out_shape)
+
+    def exact_norm(self, p: str) -> float:
+        r = self.out_dim / max(self.in_dim, 1)
+        return {"2": math.sqrt(r), "inf": 1.0, "1": r}[p]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..graph import Activation, Affine, AvgPool, Composed, Concat, Conv, Extremum, MatMul, MaxPool, Pad, Reshape, Scale, Sort, Sum, Transpose
-from ..graph.linear import LinearOp
+from ..graph.linear import Broadcast, LinearOp
 from .registry import Unsupported, converter
 
 
@@ -248,9 +248,20 @@ def add_sub(ctx, node, attrs, name):
     vc = _var_const(ctx, node)
     if vc is None:  # two branches: a residual sum
         sa, sb = ctx.shape(node.input[0]), ctx.shape(node.input[1])
-        if sa != sb:
-            raise Unsupported(f"adding branches of different shapes {list(sa)} and {list(sb)} (broadcasting) is not supported")
-        ctx.add(Sum(name=name, op=node.op_type, inputs=[ctx.var(node.input[0]), ctx.var(node.input[1])], out_shape=sa, coeffs=(1.0, sign)), node.output[0])
+        ins = [ctx.var(node.input[0]), ctx.var(node.input[1])]
+        if sa != sb:  # broadcasting one branch to the other's shape (e.g. x - mean(x)) is a linear copy
+            try:
+                out = tuple(np.broadcast_shapes(sa, sb))
+            except ValueError:
+                raise Unsupported(f"branches of shapes {list(sa)} and {list(sb)} do not broadcast") from None
+            if out not in (sa, sb) or len(sa) != len(sb):
+                raise Unsupported(f"adding branches of shapes {list(sa)} and {list(sb)} would enlarge both")
+            k = 0 if out == sb else 1
+            small = (sa, sb)[k]
+            wide = Affine(name=ctx.unique(f"{name}:broadcast"), op="Expand", inputs=[ins[k]], out_shape=out, lin=Broadcast(small, out))
+            ctx.add(wide, f"{node.output[0]}:broadcast{k}")
+            ins[k], sa = wide.name, out
+        ctx.add(Sum(name=name, op=node.op_type, inputs=ins, out_shape=sa, coeffs=(1.0, sign)), node.output[0])
         return
     var, c, const_first = vc
     shape = ctx.shape(var)
@@ -445,6 +456,66 @@ def clip(ctx, node, attrs, name):
     _activation(ctx, node, name, "clip", min=lo, max=hi)
 
 
+def _reduce_linear(ctx, node, attrs, name, axes, mean: bool):
+    """ReduceSum / ReduceMean: a permutation and reshape that gather the reduced axes, then one
+    row of ones (or 1/n) applied along them; a linear map."""
+    shape = ctx.shape(node.input[0])
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            ctx.alias(node.output[0], node.input[0])
+            return
+        axes = range(len(shape))
+    axes = sorted({int(a) % len(shape) for a in axes})
+    keep = [i for i in range(len(shape)) if i not in axes]
+    perm = tuple(keep + axes)
+    moved = tuple(shape[i] for i in perm)
+    n = int(np.prod([shape[i] for i in axes]))
+    grouped = tuple(shape[i] for i in keep) + (n,)
+    final = tuple(1 if i in axes else m for i, m in enumerate(shape)) if attrs.get("keepdims", 1) else tuple(shape[i] for i in keep)
+    row = np.full((1, n), 1.0 / n if mean else 1.0)
+    mm = MatMul(grouped, row, axis=-1)
+    _add_affine(ctx, node, name, Composed([Transpose(shape, perm), Reshape(moved, grouped), mm, Reshape(mm.out_shape, final)]))
+
+
+@converter("ReduceMean", "ReduceSum")
+def reduce_linear_attr(ctx, node, attrs, name):
+    _reduce_linear(ctx, node, attrs, name, attrs.get("axes"), node.op_type == "ReduceMean")
+
+
+@converter("ReduceSum", since=13)
+def reduce_sum_input(ctx, node, attrs, name):
+    axes = ctx.optional(node, 1)
+    _reduce_linear(ctx, node, attrs, name, None if axes is None else [int(a) for a in ctx.const(axes, "axes")], False)
+
+
+@converter("ReduceMean", since=18)
+def reduce_mean_input(ctx, node, attrs, name):
+    axes = ctx.optional(node, 1)
+    _reduce_linear(ctx, node, attrs, name, None if axes is None else [int(a) for a in ctx.const(axes, "axes")], True)
+
+
+@converter("Slice", since=10)
+def slice_(ctx, node, attrs, name):
+    """Steps of 1: a crop, i.e. zero padding with negative pads (a coordinate restriction, norm 1)."""
+    shape = ctx.shape(node.input[0])
+    starts = [int(v) for v in ctx.const(node.input[1], "starts")]
+    ends = [int(v) for v in ctx.const(node.input[2], "ends")]
+    axes_name, steps_name = ctx.optional(node, 3), ctx.optional(node, 4)
+    axes = list(range(len(starts))) if axes_name is None else [int(a) % len(shape) for a in ctx.const(axes_name, "axes")]
+    steps = [1] * len(starts) if steps_name is None else [int(v) for v in ctx.const(steps_name, "steps")]
+    if any(st != 1 for st in steps):
+        raise Unsupported("only steps of 1 are supported")
+    begins, cuts = [0] * len(shape), [0] * len(shape)
+    for a, b, e in zip(axes, starts, ends):
+        n = shape[a]
+        b = min(max(b + n if b < 0 else b, 0), n)
+        e = min(max(e + n if e < 0 else e, 0), n)
+        if e <= b:
+            raise Unsupported(f"the slice [{b}:{e}] of axis {a} is empty")
+        begins[a], cuts[a] = -b, -(n - e)
+    _add_affine(ctx, node, name, Pad(shape, tuple(begins), tuple(cuts)))
+
+
 @converter("Abs")
 def abs_(ctx, node, attrs, name):
     _activation(ctx, node, name, "abs")
@@ -592,7 +663,9 @@ HINTS: dict[str, str] = {
     "Softmax": "a softmax output is not bounded: load the model up to its logits (remove the Softmax node)",
     "LogSoftmax": "load the model up to its logits (remove the LogSoftmax node)",
     "Gather": "indexing a tensor computed from the input is not supported",
-    "Slice": "slicing a tensor computed from the input is not supported yet",
+    "Split": "splitting a tensor computed from the input is not supported yet (use Slice)",
+    "Greater": "comparisons are not continuous",
+    "LessOrEqual": "comparisons are not continuous",
     "Sqrt": "the square root is not Lipschitz at 0; only L2-norm pooling (Pow 2 -> AveragePool -> Sqrt) is recognised",
     "Sign": "the sign is not continuous; it is accepted only in the guard torch's LPPool emits (L2-norm pooling)",
     "Reciprocal": "1/x is not globally Lipschitz",
