@@ -363,3 +363,20 @@ def test_householder_activation_is_refused_with_its_nodes():
     with pytest.raises(UnsupportedModelError, match=r"Split\s+/1/Split") as err:
         lipcert.load(module, (1, 8))
     assert "comparisons are not continuous" in err.value.message()
+
+
+def test_shipped_one_lipschitz_classifier_and_its_readme_numbers():
+    from click.testing import CliRunner
+
+    from conftest import MODELS, ROOT
+    from lipcert.cli import main
+
+    graph = lipcert.load(MODELS / "gnp_spiral.onnx")
+    assert 1.0 <= naive(graph) <= 1.0 + 1e-5  # float32 weights: orthogonal to ~5e-7 per layer
+    example = (ROOT / "README.md").read_text().split("## Lipschitz-by-design networks", 1)[1].split("## Supported ONNX ops", 1)[0]
+    args = ["certify", str(MODELS / "gnp_spiral.onnx"), "--data", str(MODELS / "spiral_test.npz"), "--eps", "0.01", "--eps", "0.02",
+            "--eps", "0.05", "--method", "naive"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    for line in res.stdout.strip().splitlines():
+        assert line in example, line
