@@ -4,7 +4,7 @@ guarantees (orthogonal / spectral / Frobenius weights, 1-Lipschitz activations a
     python benchmarks/bench_bydesign.py              # writes the RESULTS.md section
     python benchmarks/bench_bydesign.py --no-write   # print it only
 
-Networks are built here with fixed seeds (untrained: the construction, not training, makes them
+Networks are built here in float64 with fixed seeds (untrained: the construction, not training, makes them
 1-Lipschitz), from torch's own ``parametrizations.orthogonal`` and from deel-torchlip (a test
 dependency: ``pip install -e '.[test]'``), loaded as modules by ``lipcert.load``. naive and sdp
 are proven l2 upper bounds; lower is a recomputed witness ratio (default search settings). GNP:
@@ -84,6 +84,7 @@ def main() -> None:
     from lipcert.estimators import ESTIMATORS, estimate
 
     torch.set_num_threads(2)
+    torch.set_default_dtype(torch.float64)  # orthogonal / normalised to 1e-15, so the construction's 1 is exact to 1e-6
     rows = []
     for k, (name, kind, act, pool, weights, build, shape, is_gnp) in enumerate(networks()):
         torch.manual_seed(k)

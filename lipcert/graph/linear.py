@@ -486,3 +486,54 @@ class Broadcast(LinearOp):
     def exact_norm(self, p: str) -> float:
         r = self.out_dim / max(self.in_dim, 1)
         return {"2": math.sqrt(r), "inf": 1.0, "1": r}[p]
+
+
+class Branches(LinearOp):
+    """Linear branches of one input joined into one linear map: ``sum_i c_i A_i x`` (a residual
+    ``x - mean(x)``, ``x + A x``) or, with ``axis``, their concatenation along that axis (circular
+    padding built from slices). Its exact norm (dense matrix when small) can be far below the sum
+    of the branches' norms; otherwise the branches' bounds are added (sum: triangle inequality;
+    concatenation: the l2 norms in quadrature, the max for linf, the sum for l1)."""
+
+    kind = "branches"
+
+    def __init__(self, ops: list[LinearOp], coeffs: tuple[float, ...] | None = None, axis: int | None = None) -> None:
+        if any(op.in_shape != ops[0].in_shape for op in ops):
+            raise ValueError("branches must read inputs of one shape")
+        self.ops, self.axis = list(ops), axis
+        self.coeffs = tuple(coeffs) if coeffs is not None else (1.0,) * len(ops)
+        self.in_shape = ops[0].in_shape
+        if axis is None:
+            if any(op.out_shape != ops[0].out_shape for op in ops):
+                raise ValueError("summed branches must have one output shape")
+            self.out_shape = ops[0].out_shape
+        else:
+            out = list(ops[0].out_shape)
+            out[axis] = sum(op.out_shape[axis] for op in ops)
+            self.out_shape = tuple(out)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        ys = [c * op.apply(x) for c, op in zip(self.coeffs, self.ops)]
+        if self.axis is not None:
+            return torch.cat(ys, dim=self.axis + 1)
+        out = ys[0]
+        for y in ys[1:]:
+            out = out + y
+        return out
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for op in self.ops for t in op.parameters()]
+
+    def norm_bound(self, p: str) -> tuple[float, bool, str]:
+        exact = self.exact_norm(p)
+        if exact is not None:
+            return exact, True, "dense svd" if p == "2" else "dense row/col sums"
+        parts = [abs(c) * op.norm_bound(p)[0] for c, op in zip(self.coeffs, self.ops)]
+        if self.axis is not None and p == "2":
+            return math.sqrt(sum(v * v for v in parts)), False, "branches in quadrature"
+        if self.axis is not None and p == "inf":
+            return max(parts), False, "largest branch"
+        return sum(parts), False, "sum of branches"
+
+    def describe(self) -> str:
+        return ("concat" if self.axis is not None else "sum") + " of " + ", ".join(op.kind for op in self.ops)

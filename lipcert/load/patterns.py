@@ -18,7 +18,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import Activation, Affine, Composed, Concat, Node, Pad, Reshape, Scale, Sort
+import torch
+
+from ..graph import Activation, Affine, Composed, Concat, Node, Pad, Reshape, Scale, Sort, Sum
+from ..graph.linear import Branches
 
 
 # --- L2-norm pooling on the ONNX graph ---------------------------------------------------------------
@@ -175,6 +178,50 @@ def _sort_concat(concat: Concat, by_name: dict[str, Node]) -> list[Node] | None:
                  out_shape=concat.out_shape, axis=first.axis, ranks=ranks, in_shape=first.in_shape)]
 
 
+def _affine_chain(name: str, by_name: dict[str, Node]) -> list[str]:
+    """``name`` and the nodes above it reached through single-input affine nodes, nearest first."""
+    chain = [name]
+    while isinstance(node := by_name.get(chain[-1]), Affine):
+        chain.append(node.inputs[0])
+    return chain
+
+
+def _linear_branches(join: Node, by_name: dict[str, Node]) -> list[Node] | None:
+    """A Sum or Concat whose inputs are affine paths from one common tensor: one Affine node
+    (the same function; its exact norm can be far below the branches' added bounds)."""
+    if len(join.inputs) < 2:
+        return None
+    chains = [_affine_chain(i, by_name) for i in join.inputs]
+    common = next((n for n in chains[0] if all(n in c for c in chains[1:])), None)
+    if common is None or common in join.inputs and all(i == common for i in join.inputs):
+        return None
+    ops, biases = [], []
+    for chain in chains:
+        path = [by_name[n] for n in reversed(chain[: chain.index(common)])]
+        if not path:
+            shape = by_name[common].out_shape if common in by_name else None
+            if shape is None:
+                return None
+            ops.append(Reshape(shape, shape))
+            biases.append(None)
+            continue
+        ops.append(Composed([n.lin for n in path]))
+        x = torch.zeros((1, *path[0].lin.in_shape), dtype=torch.float64)
+        for n in path:
+            x = n.forward(x)
+        biases.append(x[0] if any(n.bias is not None for n in path) else None)
+    if isinstance(join, Sum):
+        lin = Branches(ops, join.coeffs)
+        parts = [c * b for c, b in zip(join.coeffs, biases) if b is not None]
+        bias = sum(parts[1:], parts[0]) if parts else None
+    else:
+        lin = Branches(ops, axis=join.axis)
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else torch.zeros(op.out_shape, dtype=torch.float64) for b, op in zip(biases, ops)], dim=join.axis)
+    return [Affine(name=join.name, op=f"{join.op}(linear branches)", inputs=[common], out_shape=join.out_shape, lin=lin, bias=bias)]
+
+
 def fuse_sorts(nodes: list[Node], taken: set[str]) -> list[Node]:
     """Replace every sorting idiom by the equivalent sort (same output name, same function).
     ``taken``: names in use (new node names avoid them). Nodes left unread are pruned later."""
@@ -194,6 +241,8 @@ def fuse_sorts(nodes: list[Node], taken: set[str]) -> list[Node]:
         new = None
         if isinstance(n, Concat):
             new = _sort_concat(n, by_name) or _maxmin(n, by_name, unique)
+        if isinstance(n, (Sum, Concat)) and not new:
+            new = _linear_branches(n, by_name)
         if new:
             out.extend(new)
             by_name.update({m.name: m for m in new})
