@@ -115,7 +115,26 @@ def test_slice_and_reduce_mean():
     nodes = [helper.make_node("Slice", ["x", "s", "e", "a"], ["c"]), helper.make_node("ReduceMean", ["c"], ["m"], axes=[1]),
              helper.make_node("Sub", ["c", "m"], ["y"])]
     inits = {"s": np.array([1], np.int64), "e": np.array([-1], np.int64), "a": np.array([1], np.int64)}
-    run_both(graph_model(nodes, [1, 7], inits), (1, 7))
+    graph = run_both(graph_model(nodes, [1, 7], inits), (1, 7))
+    # c - mean(c) is one linear map (a projection): norm 1, not 1 + 1 for two branches
+    assert naive(graph) == pytest.approx(1.0, rel=TOL)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_branches_fallback_bounds_are_never_below_the_exact_norm(axis, monkeypatch):
+    from lipcert.graph import linear
+    from lipcert.graph.linear import Branches, MatMul, Reshape
+
+    ops = [MatMul((1, 5), RNG.normal(size=(4, 5))), MatMul((1, 5), RNG.normal(size=(4, 5))), Reshape((1, 5), (1, 5))]
+    ops = ops[:2] if axis is None else [ops[0], ops[1]]
+    lin = Branches(ops, (1.0, -2.0) if axis is None else None, axis=axis)
+    exact = {p: lin.norm_bound(p) for p in NORMS}
+    assert all(e[1] for e in exact.values())
+    monkeypatch.setattr(linear, "DENSE_LIMIT", 0)
+    fresh = Branches(ops, (1.0, -2.0) if axis is None else None, axis=axis)
+    for p in NORMS:
+        value, is_exact, _ = fresh.norm_bound(p)
+        assert not is_exact and value >= exact[p][0] * (1 - 1e-12)
 
 
 @pytest.mark.parametrize("refused,pattern", [("Sqrt", "Sqrt.*not Lipschitz at 0"), ("Sign", "Sign")])
@@ -323,7 +342,7 @@ def torchlip_networks():
         ("dense LPReLU", lambda: tl.Sequential(tl.SpectralLinear(8, 8), tl.LPReLU(), tl.SpectralLinear(8, 2)), (1, 8), 1.0),
         ("Frobenius", lambda: tl.Sequential(tl.FrobeniusLinear(8, 1)), (1, 8), 1.0),
         ("centering", lambda: tl.Sequential(tl.SpectralLinear(8, 8), tl.BatchCentering(8), tl.ScaleBiasLayer(), tl.GroupSort2(), tl.SpectralLinear(8, 2)), (1, 8), 1.0),
-        ("layer centering", lambda: tl.Sequential(tl.SpectralLinear(8, 8), tl.LayerCentering(), tl.GroupSort2(), tl.SpectralLinear(8, 2)), (1, 8), None),
+        ("layer centering", lambda: tl.Sequential(tl.SpectralLinear(8, 8), tl.LayerCentering(), tl.GroupSort2(), tl.SpectralLinear(8, 2)), (1, 8), 1.0),
         ("residual", lambda: torch.nn.Sequential(tl.SpectralLinear(8, 8), Residual(), tl.SpectralLinear(8, 2)), (1, 8), 1.0),
         ("conv ReLU L2-pool", lambda: tl.Sequential(tl.SpectralConv2d(1, 4, 3, padding=1), torch.nn.ReLU(), tl.ScaledL2NormPool2d(2), flat(), tl.SpectralLinear(16, 3)), (1, 1, 4, 4), 1.0),
         ("conv GroupSort2 avg-pool", lambda: tl.Sequential(tl.SpectralConv2d(1, 4, 3, padding=1), tl.GroupSort2(), tl.ScaledAvgPool2d(2), flat(), tl.SpectralLinear(16, 3)), (1, 1, 4, 4), 1.0),
