@@ -16,7 +16,7 @@ from ..errors import InputError, ModelError, UnsupportedModelError
 from ..graph import Graph
 from ..graph.nodes import Node
 from . import onnx_ops  # noqa: F401  (fills the registry)
-from .patterns import find_l2_pools, fuse_sorts
+from .patterns import find_l2_pools, fuse_idioms
 from .registry import Unsupported, find_converter, supported_ops
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = 
     output = ctx.vars[out_name]
     if output == Graph.INPUT:
         raise UnsupportedModelError([("(graph)", where, "the network is the identity: nothing to bound")])
-    ctx.nodes = fuse_sorts(ctx.nodes, set(ctx.shapes))
+    ctx.nodes = fuse_idioms(ctx.nodes, set(ctx.shapes))
     # keep only the nodes the output depends on
     needed, stack = set(), [output]
     by_name = {n.name: n for n in ctx.nodes}

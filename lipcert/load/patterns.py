@@ -7,7 +7,7 @@
 * **Sorting idioms** (deel-torchlip's ``GroupSort2`` and ``MaxMin``): a ``Concat`` of the min and
   the max of the same groups, or of ``relu(x)`` and ``relu(-x)``. Converted node by node they are
   two branches whose constants add (sqrt(2) in l2); as one sort the constant is 1 in every lp.
-  Rewritten on lipcert's nodes after conversion (``fuse_sorts``).
+  Rewritten on lipcert's nodes after conversion (``fuse_idioms``).
 """
 
 from __future__ import annotations
@@ -222,8 +222,9 @@ def _linear_branches(join: Node, by_name: dict[str, Node]) -> list[Node] | None:
     return [Affine(name=join.name, op=f"{join.op}(linear branches)", inputs=[common], out_shape=join.out_shape, lin=lin, bias=bias)]
 
 
-def fuse_sorts(nodes: list[Node], taken: set[str]) -> list[Node]:
-    """Replace every sorting idiom by the equivalent sort (same output name, same function).
+def fuse_idioms(nodes: list[Node], taken: set[str]) -> list[Node]:
+    """Replace every sorting idiom by the equivalent sort, and linear branches by one affine node
+    (same output name, same function).
     ``taken``: names in use (new node names avoid them). Nodes left unread are pruned later."""
     names = set(taken) | {n.name for n in nodes}
 
