@@ -48,11 +48,23 @@ class Bar(_Line):
         super().__init__(label)
         self.total = max(total, 1)
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, eta: float | None = None) -> None:
+        """Redraw at ``done`` of ``total``; ``eta``: seconds left when the caller knows better than
+        the average time per item so far (which is used otherwise)."""
         frac = min(done / self.total, 1.0)
         width = 30
         fill = int(width * frac)
-        self.draw(f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {self.elapsed():.1f}s")
+        if eta is None and 0 < done < self.total:
+            eta = self.elapsed() / done * (self.total - done)
+        left = f", {eta_text(eta)}" if eta is not None and done < self.total else ""
+        self.draw(f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} {self.elapsed():.1f}s{left}\033[K")
+
+
+def eta_text(seconds: float) -> str:
+    """'about 40 s left', 'about 3 min left'."""
+    if seconds < 90:
+        return f"about {max(seconds, 1):.0f} s left"
+    return f"about {seconds / 60:.0f} min left"
 
 
 @contextmanager
