@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,10 +185,9 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
 
 def _global_sdp(graph: Graph, solver: Any, settings: Settings, budget: Budget) -> float | None:
     """The global LipSDP bound (through the pair solver when there is one: the same sections)."""
+    progress.note(f"global LipSDP bound ({_left(budget)}) ...")
     if solver is not None:
-        with progress.status("global LipSDP") as line:
-            line.update(_left(budget))
-            value = solver.last_layer(solver.W, settings)
+        value = solver.last_layer(solver.W, settings)
     else:
         value = estimate(graph, "sdp", settings).value
     if budget.limited and budget.expired():
@@ -223,7 +223,7 @@ def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget:
                     budget.note_cut(f"pairwise LipSDP: {len(todo) - n} pair(s) that decide radii were not tightened")
                     return
                 start = time.perf_counter()
-                value = solver.pair(y, j, settings_with_deadline(settings, budget.deadline()) if budget.limited else settings)
+                value = solver.pair(y, j, _pair_settings(settings, budget, lambda *_: bar.update(n, eta=_eta(times, len(todo) - n, budget))))
                 times.append(time.perf_counter() - start)
                 done.add((y, j))
                 consts.tightened.append((y, j))
@@ -233,6 +233,16 @@ def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget:
                 if budget.limited and budget.expired():
                     budget.note_cut("pairwise LipSDP stopped early (proven, looser pair bounds)")
             bar.update(len(todo))
+
+
+def _pair_settings(settings: Settings, budget: Budget, redraw: Any) -> Settings:
+    """One pair's solve: up to the budget's end, redrawing the pairs' bar at each solver step (in
+    place of the solver's own status line)."""
+    from .estimators.sdp import FAST, solver_label
+
+    if solver_label(settings) == FAST:
+        settings = dataclasses.replace(settings, extra={**settings.extra, "solver_opts": {**settings.extra.get("solver_opts", {}), "progress": redraw}})
+    return settings_with_deadline(settings, budget.deadline()) if budget.limited else settings
 
 
 def _eta(times: list[float], left: int, budget: Budget) -> float | None:

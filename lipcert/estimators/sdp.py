@@ -295,10 +295,13 @@ def _attempt_fast(problem: LipSDPProblem, variant: str, opts: dict[str, Any], se
     if problem.dim >= LONG_DIM and not opts.get("time_limit"):
         progress.note(f"LipSDP: a matrix inequality of {problem.dim} rows, {problem.n_hidden} neurons: this takes minutes "
                       "(the cost of a step grows as rows^3); --time-limit SECONDS stops early with a looser, still proven bound")
+    eta = progress.ConvergenceEta(float(opts.get("tol", 1e-6)), opts.get("time_limit"))
     with progress.status(f"LipSDP ({problem.dim} rows)") as line:
         def report(it: int, value: float, gap: float) -> None:
             text = f"step {it}, {value:.6g} (not yet verified)"
-            line.update(f"{text}, duality gap {gap:.1e}" if math.isfinite(gap) else text)
+            text = f"{text}, duality gap {gap:.1e}" if math.isfinite(gap) else text
+            left = eta.update(gap)
+            line.update(text if left is None else f"{text}, {progress.eta_text(left)}")
 
         return _attempt(problem, variant, FAST, {**opts, "progress": report})
 
