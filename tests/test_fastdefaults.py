@@ -141,3 +141,20 @@ def test_cli_budget_is_reported(tmp_path):
     assert json.loads(res.stdout)["budget"]["seconds"] is None
     res = CliRunner().invoke(main, ["certify", spiral, "--data", data, "--budget", "-1"])
     assert res.exit_code == 2
+
+
+def test_time_left_from_the_rate_of_the_duality_gap(monkeypatch):
+    from lipcert import progress
+
+    clock = iter(range(100))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    eta = progress.ConvergenceEta(tol=1e-6, limit=None, typical=25)  # starts at t = 0
+    assert eta.update(math.inf) is None  # step 0 at t = 1: nothing to go on
+    assert eta.update(math.inf) == 24.0  # 1 s a step, 25 typical steps, 1 done
+    eta.update(1e-1)
+    # the gap falls by 10x a step (1 s): 1e-2 -> 1e-6 takes 4 more steps
+    assert eta.update(1e-2) == pytest.approx(4.0)
+    capped = progress.ConvergenceEta(tol=1e-6, limit=4.0)  # starts at t = 5
+    capped.update(1e-1), capped.update(1e-2)  # t = 6, 7
+    assert capped.update(1e-3) == pytest.approx(1.0)  # t = 8: 3 steps to go, but the limit leaves 1 s
+    assert progress.eta_text(40) == "about 40 s left" and progress.eta_text(300) == "about 5 min left"
