@@ -2,7 +2,8 @@
 radius, a 120 s budget) against the full-pairwise run of main (every one of the 45 class pairs by
 LipSDP, no budget), and `lipcert report` on every network in ../shared/models within its budget.
 
-    python benchmarks/bench_certify.py --only certify            # certify rows (default vs binding, no budget)
+    python benchmarks/bench_certify.py --only certify            # certify: defaults, and --method naive
+    python benchmarks/bench_certify.py --only nobudget --nets 256x2,256x4   # the binding pairs without a budget
     python benchmarks/bench_certify.py --only full --main /work/main   # main's full-pairwise run (slow)
     python benchmarks/bench_certify.py --only report             # report on every shared network
     python benchmarks/bench_certify.py --render                  # write the RESULTS.md section from the saved JSON
@@ -84,7 +85,7 @@ def load_json(path: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["certify", "full", "report"], action="append")
+    ap.add_argument("--only", choices=["certify", "nobudget", "full", "report"], action="append")
     ap.add_argument("--nets", default="", help="comma-separated substrings of network names")
     ap.add_argument("--main", type=Path, default=Path("/work/main"), help="the tree whose full-pairwise run is 'today's' (--only full)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -95,18 +96,24 @@ def main() -> None:
     store = load_json(args.json)
     parts = args.only or []
     pick = lambda names: [n for n in names if not args.nets or any(s in n for s in args.nets.split(","))]  # noqa: E731
-    cifar = cifar_points(Path("/tmp/lipcert_cifar20.npz")) if set(parts) & {"certify", "full"} else Path("/tmp/lipcert_cifar20.npz")
+    cifar = cifar_points(Path("/tmp/lipcert_cifar20.npz")) if set(parts) & {"certify", "nobudget", "full"} else Path("/tmp/lipcert_cifar20.npz")
     data = {n: (cifar if n.startswith("cifar") else MNIST) for n in CERTIFY}
     store["meta"].setdefault("load", {})
     for part in parts:
         store["meta"]["load"][part] = os.getloadavg()
     if "certify" in parts:
         for net in pick(CERTIFY):
-            for key, extra in [("default", []), ("binding, no budget", ["--budget", "0"]), ("naive", ["--method", "naive"])]:
+            for key, extra in [("default", []), ("naive", ["--method", "naive"])]:
                 row = certify_row(net, data[net], extra, ROOT, args.cap)
                 store["certify"].setdefault(net, {})[key] = row
                 print(net, key, {k: v for k, v in row.items() if k != "radii"}, flush=True)
                 args.json.write_text(json.dumps(store, indent=1))
+    if "nobudget" in parts:
+        for net in pick(CERTIFY):
+            row = certify_row(net, data[net], ["--budget", "0"], ROOT, args.cap)
+            store["certify"].setdefault(net, {})["binding, no budget"] = row
+            print(net, "no budget", {k: v for k, v in row.items() if k != "radii"}, flush=True)
+            args.json.write_text(json.dumps(store, indent=1))
     if "full" in parts:
         for net in pick(CERTIFY):
             row = certify_row(net, data[net], [], args.main, args.cap)

@@ -114,7 +114,8 @@ def binding_pairs(matrix: np.ndarray, logits: np.ndarray, labels: np.ndarray) ->
         with np.errstate(divide="ignore"):
             ratios = np.where(np.arange(len(row)) == y, np.inf, margins / matrix[y])
         for j in np.flatnonzero(ratios == ratios.min()):
-            out.setdefault((min(y, int(j)), max(y, int(j))), []).append(i)
+            y_, j_ = int(y), int(j)
+            out.setdefault((min(y_, j_), max(y_, j_)), []).append(i)
     return out
 
 
