@@ -692,7 +692,8 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         lam = lam / rho0
     if opts.get("init") is not None:
         cand = work.from_original(expand_multipliers(problem, opts["init"]))
-        if np.all(cand > 0) and np.all(np.isfinite(cand)):
+        # used only when strictly feasible; else the layer-wise start stands
+        if np.all(cand > 0) and np.all(np.isfinite(cand)) and _min_rho(work, cand) is not None:
             lam = cand
     P = _group_matrix(work, variant)
     if P is None:

@@ -118,6 +118,7 @@ class Solved:
     verify_time_s: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     attempts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    multipliers: list[np.ndarray] | None = None  # the proposed multipliers that were verified (a warm start)
 
 
 @contextlib.contextmanager
@@ -219,7 +220,7 @@ def _attempt(problem: LipSDPProblem, variant: str, solver: str, opts: dict[str, 
     if not checked.ok:
         return Solved(None, solver_value, f"not_verified: {solver} (status {solver_status}): {checked.reason}", solver, solver_status, done - start, done - solved_at, info)
     info = {**info, "verification": checked.reason}
-    return Solved(checked.value, solver_value, "ok", solver, solver_status, done - start, done - solved_at, info)
+    return Solved(checked.value, solver_value, "ok", solver, solver_status, done - start, done - solved_at, info, multipliers=lams)
 
 
 # the margin on rho below which a verified value is as good as the solver's (tol 1e-6 on rho)
@@ -569,6 +570,7 @@ class PairSolver:
         self.W = W
         self.n_out = W.shape[0]
         self._bounds: dict[str, tuple[float, str]] | None = None
+        self.multipliers: list[np.ndarray] | None = None  # of the output section's last successful solve
 
     @property
     def dim(self) -> int:
@@ -603,7 +605,10 @@ class PairSolver:
         if self.out_section.problem is None:
             value: float | None = float(np.linalg.norm(rows, 2)) * (1.0 + SAFETY)
         else:
-            value = solve_problem(self.out_section.problem.with_last(rows), settings or self.settings).value
+            solved = solve_problem(self.out_section.problem.with_last(rows), settings or self.settings)
+            value = solved.value
+            if solved.multipliers is not None:
+                self.multipliers = solved.multipliers
         if value is None:
             return None
         return _compose(self.merged, self.sections, {**bounds, self.last.name: (value, "pairwise")})[0]
