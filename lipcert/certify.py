@@ -134,7 +134,7 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
     ``proven``: results already computed for this graph and norm (e.g. by a report); the best
     proven one is the global bound, instead of solving for it again. ``budget`` (seconds, or a
     ``lipcert.budget.Budget``; None or 0: no limit): LipSDP stops at it with proven, looser values,
-    and tightening stops when the next pair would not fit; what was cut is in ``cut``."""
+    and tightening stops when the next pair would not fit; what was cut is in ``budget.cut``."""
     norm = normalize_norm(norm, "pairwise_constants")
     check_choice("pairwise_constants", "method", method, ("sdp", "naive"))
     budget = budget if isinstance(budget, Budget) else Budget(budget)

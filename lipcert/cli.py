@@ -326,7 +326,8 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
     lip = out["lipschitz"]
     click.echo(f"margin constants: {', '.join(sorted(set(lip['how'].values())))} (global bound {lip['global_bound']:.6g} by {lip['global_method']})")
     if lip["tightened"]:
-        click.echo(f"pairwise LipSDP: {len(lip['tightened'])} of {len(lip['how']) // 2} class pairs tightened (those that decide a radius)")
+        which = "those that decide a radius" if pairs == "binding" else "all"
+        click.echo(f"pairwise LipSDP: {len(lip['tightened'])} of {len(lip['how']) // 2} class pairs tightened ({which})")
     for line in _budget_lines(allowance):
         click.echo(line)
 
