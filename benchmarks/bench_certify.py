@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=3000.0, help="hard cap per run (s)")
     ap.add_argument("--render", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--notes", default="", help="a paragraph to add under the tables (what was not run, and why)")
     args = ap.parse_args()
     store = load_json(args.json)
     parts = args.only or []
@@ -141,7 +142,7 @@ def main() -> None:
     store["meta"]["end_load"] = os.getloadavg()
     args.json.write_text(json.dumps(store, indent=1))
     if args.render or parts:
-        publish(SECTION, render(store), write=not args.no_write)
+        publish(SECTION, render(store) + (f"\n{args.notes.strip()}\n" if args.notes else ""), write=not args.no_write)
 
 
 def _ratio_line(r: list[float], ref: list[float]) -> str:
