@@ -58,8 +58,9 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
             share = budget.remaining() / late
             need = est.min_seconds(graph, settings) if hasattr(est, "min_seconds") else 0.0
             if need > share:
-                skipped[name] = (f"the budget leaves {share:.0f} s and it needs at least about {need:.0f} s here "
-                                 f"(give --budget {max(10 * need, 600):.0f}, or --budget 0 for no limit)")
+                why = (f"the budget leaves {share:.0f} s and it needs at least about {need:.0f} s here" if share >= 1
+                       else f"the {budget.seconds:g} s budget was spent before it could start")
+                skipped[name] = f"{why} (give --budget {max(10 * need, 600):.0f}, or --budget 0 for no limit)"
                 budget.note_cut(f"{name} skipped")
                 continue
             run_settings = settings_with_deadline(settings, budget.deadline(1.0 / late), share)
