@@ -355,7 +355,9 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
     from .budget import Budget
 
     progress.set_quiet(quiet)
-    allowance = Budget(budget)
+    # a fifth of the budget is kept back for start-up, the page (figures) and steps that end past a deadline
+    total = Budget(budget)
+    allowance = total.child(0.8)
     graph = _load(model, input_shape)
     settings = Settings(norm=norm, seed=seed)
     # with data, the methods get half the budget and the certificates what is left
@@ -367,7 +369,7 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
         cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results, budget=allowance)  # reuse the bounds just computed
     command = "lipcert report " + " ".join([model] + (["--data", data] if data else []) + ["-o", output] + (["--norm", norm] if norm != "2" else [])
                                            + (["--seed", str(seed)] if seed else []) + ([f"--budget", f"{budget:g}"] if budget != 120 else []))
-    path = render(graph, results, output, command, skipped, cert, data_name=data or "", seed=seed, notes=_budget_lines(allowance))
+    path = render(graph, results, output, command, skipped, cert, data_name=data or "", seed=seed, notes=_budget_lines(total))
     click.echo(f"wrote {path}")
-    for line in _budget_lines(allowance):
+    for line in _budget_lines(total):
         progress.note(line)
