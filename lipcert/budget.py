@@ -62,7 +62,9 @@ class Budget:
 
     def advice(self) -> str:
         """One sentence on how to get more than the budget allowed."""
-        more = f"{max(4 * (self.seconds or 0), 600):.0f}"
+        if self.seconds is None:
+            return "no budget limit was set; --time-limit or a solver limit cut this short"
+        more = f"{max(4 * self.seconds, 600):.0f}"
         return f"the {self.seconds:g} s budget cut this short; for tighter results give --budget {more} (or --budget 0: no limit)"
 
 

@@ -139,6 +139,11 @@ def test_cli_budget_is_reported(tmp_path):
     assert next(r for r in out["results"] if r["method"] == "naive")["certified"]
     res = CliRunner().invoke(main, ["bound", spiral, "--method", "sdp", "--json"])
     assert json.loads(res.stdout)["budget"]["seconds"] is None
+    # no budget, but a solver time limit: LipSDP is cut, the budget has nothing to say
+    res = CliRunner().invoke(main, ["bound", spiral, "--method", "all", "--budget", "0", "--time-limit", "0.000001", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["budget"] == {"seconds": None, "elapsed_s": json.loads(res.stdout)["budget"]["elapsed_s"], "cut": [], "advice": None}
+    assert "no budget limit" in Budget(0).advice()
     res = CliRunner().invoke(main, ["certify", spiral, "--data", data, "--budget", "-1"])
     assert res.exit_code == 2
 

@@ -71,7 +71,7 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
         except LipcertError as exc:
             results[name] = Result(name, est.kind, settings.norm, None, False, 0.0, status=f"error: {exc.message()}",
                                    model=graph.source, sha256=graph.sha256)
-        if budget is not None and _was_cut(results[name]):
+        if budget is not None and budget.limited and _was_cut(results[name]):
             budget.note_cut(f"{name} stopped early (a proven, looser bound)")
     return [results[name] for name in ESTIMATORS if name in results], skipped
 
