@@ -16,6 +16,8 @@ smaller than the global ones.
 from __future__ import annotations
 
 import math
+import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from . import progress
+from .budget import Budget, settings_with_deadline
 from .config import Settings, check_choice, normalize_norm
 from .data import input_batch, load_npz
 from .errors import InputError
@@ -46,10 +49,12 @@ class PairwiseConstants:
     global_bound: float  # a proven bound on L of the whole network
     global_method: str
     how: dict[str, str] = field(default_factory=dict)  # per pair "y,j" -> which bound was smaller
+    tightened: list[tuple[int, int]] = field(default_factory=list)  # pairs (y < j) solved by pairwise LipSDP
 
     def to_dict(self) -> dict[str, Any]:
         return {"norm": self.norm, "pairwise": self.matrix.tolist(), "global_bound": self.global_bound,
-                "global_method": self.global_method, "global_factor": GLOBAL_FACTOR[self.norm], "how": self.how}
+                "global_method": self.global_method, "global_factor": GLOBAL_FACTOR[self.norm], "how": self.how,
+                "tightened": [[int(y), int(j)] for y, j in self.tightened]}
 
 
 def _naive_pairwise(graph: Graph, norm: str) -> np.ndarray | None:
@@ -71,59 +76,189 @@ def _naive_pairwise(graph: Graph, norm: str) -> np.ndarray | None:
     return out
 
 
-def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", settings: Settings | None = None,
-                       proven: list[Result] | None = None) -> PairwiseConstants:
-    """Compute every pair's proven margin constant once per model.
+# Relative duality gap on rho at which a pair's LipSDP stops: the pair's bound is then within about
+# 0.5% of its LipSDP optimum (measured on mnist-net_256x2, pair (0, 1): 252.9562 at tol 1e-2 against
+# 252.9552 at 1e-3; 14 steps instead of 17), well inside the 5% a radius may lose to speed.
+PAIR_TOL = 1e-2
 
-    ``proven``: results already computed for this graph and norm (e.g. by a report); the best
-    proven one is the global bound, instead of solving for it again."""
-    norm = normalize_norm(norm, "pairwise_constants")
-    check_choice("pairwise_constants", "method", method, ("sdp", "naive"))
-    s = settings or Settings(norm=norm)
+
+def _cheap_constants(graph: Graph, norm: str, glob: Result) -> PairwiseConstants:
+    """The naive pairwise constants and the global fallback, whichever is smaller per pair."""
     k = graph.output_dim
-    known = best_proven([r for r in proven or [] if r.norm == norm])
-    glob = known or estimate(graph, "naive", Settings(norm=norm))
-    global_value, global_method = glob.value, glob.method
-    candidates: list[tuple[str, np.ndarray]] = []
+    best = np.full((k, k), GLOBAL_FACTOR[norm] * glob.value)
+    np.fill_diagonal(best, 0.0)
+    label = f"{GLOBAL_FACTOR[norm]:.4g} x L ({glob.method})"
+    how = {f"{y},{j}": label for y in range(k) for j in range(k) if y != j}
     naive = _naive_pairwise(graph, norm)
     if naive is not None:
-        candidates.append(("naive pairwise", naive))
-    if method == "sdp" and norm == "2":
-        from .estimators import ESTIMATORS
+        for y in range(k):
+            for j in range(k):
+                if y != j and naive[y, j] < best[y, j]:
+                    best[y, j], how[f"{y},{j}"] = naive[y, j], "naive pairwise"
+    return PairwiseConstants(norm, best, glob.value, glob.method, how)
 
-        sdp_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra=s.extra)
-        if ESTIMATORS["sdp"].accepts(graph, sdp_settings) is None:
-            if known is None:
-                full = estimate(graph, "sdp", sdp_settings)
-                if full.value is not None and full.value < global_value:
-                    global_value, global_method = full.value, "sdp"
-            try:
-                from .estimators.sdp import pairwise_lipschitz
 
-                pairs = [(y, j) for y in range(k) for j in range(k) if y < j]
-                got = pairwise_lipschitz(graph, pairs, sdp_settings)
-                mat = np.full((k, k), np.inf)
-                for (y, j), v in got.items():
-                    if v is not None:
-                        mat[y, j] = mat[j, y] = v
-                np.fill_diagonal(mat, 0.0)
-                candidates.append(("LipSDP pairwise", mat))
-            except InputError as exc:  # not a chain, or too large: the naive pairwise bound stands
-                progress.note(f"pairwise LipSDP skipped: {exc.message()}")
-    fallback = np.full((k, k), GLOBAL_FACTOR[norm] * global_value)
-    np.fill_diagonal(fallback, 0.0)
-    best = fallback.copy()
-    how = {}
-    for y in range(k):
-        for j in range(k):
-            if y == j:
-                continue
-            label = f"{GLOBAL_FACTOR[norm]:.4g} x L ({global_method})"
-            for name, mat in candidates:
-                if mat[y, j] < best[y, j]:
-                    best[y, j], label = mat[y, j], name
-            how[f"{y},{j}"] = label
-    return PairwiseConstants(norm, best, global_value, global_method, how)
+def binding_pairs(matrix: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[tuple[int, int], list[int]]:
+    """The pairs (y, j), y < j, that decide some point's radius under the constants ``matrix``:
+    for a correctly classified point of class y with positive margins, every j that attains
+    min_j (f_y - f_j) / K[y, j]; mapped to the indices of the points they bind."""
+    out: dict[tuple[int, int], list[int]] = {}
+    predicted = logits.argmax(1)
+    for i, (row, y, label) in enumerate(zip(logits, predicted, labels)):
+        if y != label:
+            continue  # misclassified: radius 0 whatever the constants
+        margins = row[y] - row
+        margins[y] = np.inf
+        if margins.min() <= 0:
+            continue  # a tie: radius 0 whatever the constants
+        with np.errstate(divide="ignore"):
+            ratios = np.where(np.arange(len(row)) == y, np.inf, margins / matrix[y])
+        for j in np.flatnonzero(ratios == ratios.min()):
+            y_, j_ = int(y), int(j)
+            out.setdefault((min(y_, j_), max(y_, j_)), []).append(i)
+    return out
+
+
+def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", settings: Settings | None = None,
+                       proven: list[Result] | None = None, *, points: tuple[np.ndarray, np.ndarray] | None = None,
+                       budget: Budget | float | None = None) -> PairwiseConstants:
+    """Proven bounds on the Lipschitz constant of every margin f_y - f_j, once per model.
+
+    Every pair gets the smaller of the naive pairwise bound and the global fallback (a factor
+    times a proven global bound). With ``method="sdp"`` and the l2 norm, pairs are then tightened
+    by LipSDP on the network whose last layer is the row difference: all of them, or, with
+    ``points`` = (logits, labels), only the pairs that decide some point's radius (see
+    ``binding_pairs``), round after round until every point's deciding pair is tightened (a
+    tightened pair can only raise radii, so the radii are then those of tightening every pair).
+
+    ``proven``: results already computed for this graph and norm (e.g. by a report); the best
+    proven one is the global bound, instead of solving for it again. ``budget`` (seconds, or a
+    ``lipcert.budget.Budget``; None or 0: no limit): LipSDP stops at it with proven, looser values,
+    and tightening stops when the next pair would not fit; what was cut is in ``budget.cut``."""
+    norm = normalize_norm(norm, "pairwise_constants")
+    check_choice("pairwise_constants", "method", method, ("sdp", "naive"))
+    budget = budget if isinstance(budget, Budget) else Budget(budget)
+    s = settings or Settings(norm=norm)
+    known = best_proven([r for r in proven or [] if r.norm == norm])
+    if method != "sdp" or norm != "2":
+        return _cheap_constants(graph, norm, known or estimate(graph, "naive", Settings(norm=norm)))
+    from .estimators import ESTIMATORS, sdp
+    from .estimators.sdp import FAST, PairSolver, solver_label
+
+    solver_opts = dict(s.extra.get("solver_opts", {}))
+    if solver_label(s) == FAST:
+        solver_opts.setdefault("tol", PAIR_TOL)
+        solver_opts.setdefault("init", None)  # filled with the global solution's multipliers below
+    sdp_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra={**s.extra, "solver_opts": solver_opts})
+    if ESTIMATORS["sdp"].accepts(graph, sdp_settings) is not None:
+        return _cheap_constants(graph, norm, known or estimate(graph, "naive", Settings(norm=norm)))
+    try:
+        solver: PairSolver | None = PairSolver(graph, sdp_settings)
+    except InputError as exc:  # the output is not a LipSDP section or an affine layer
+        progress.note(f"pairwise LipSDP skipped: {exc.message()}")
+        solver = None
+    glob, global_s = known, 0.0
+    if glob is None:
+        glob = estimate(graph, "naive", Settings(norm=norm))
+        # the global LipSDP bound: the fallback of every pair not tightened. Half the budget when
+        # pairs follow (about one pair's time), all of it when they cannot.
+        pairs_follow = solver is not None and (solver.dim < sdp.LONG_DIM or budget.limited)
+        share = 0.5 if pairs_follow else 1.0
+        start = time.perf_counter()
+        # at the default tolerance: the same global bound as `lipcert bound --method sdp`
+        global_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra=s.extra)
+        if budget.limited:
+            global_settings = settings_with_deadline(global_settings, budget.deadline(share), budget.remaining() * share)
+        full = _global_sdp(graph, solver, global_settings, budget)
+        global_s = time.perf_counter() - start
+        if full is not None and full < glob.value:
+            glob = Result("sdp", "upper", "2", full, True, global_s)
+        if solver is not None and solver.multipliers is not None and "init" in solver_opts:
+            # warm start: (2 lambda, 2 rho) of the global solution is strictly feasible for every pair,
+            # since (a_y - a_j)^2 <= 2 ||a||^2. Measured on mnist-net_256x2, pair (1, 7): 17 steps
+            # instead of 46 (the layer-wise start is 3x the optimum there); pair (0, 1): 14 either way.
+            solver_opts["init"] = [2.0 * np.asarray(v) for v in solver.multipliers]
+            sdp_settings = dataclasses.replace(sdp_settings, extra={**sdp_settings.extra, "solver_opts": solver_opts})
+    consts = _cheap_constants(graph, norm, glob)
+    if solver is None:
+        return consts
+    k = graph.output_dim
+    if solver.dim >= sdp.LONG_DIM and not budget.limited:
+        progress.note(f"pairwise LipSDP skipped: a matrix inequality of {solver.dim} rows per pair takes minutes; "
+                      "the global LipSDP bound is used (give --budget SECONDS to tighten pairs within it)")
+        return consts
+    _tighten(consts, solver, sdp_settings, budget, points, k, global_s)
+    return consts
+
+
+def _global_sdp(graph: Graph, solver: Any, settings: Settings, budget: Budget) -> float | None:
+    """The global LipSDP bound (through the pair solver when there is one: the same sections)."""
+    progress.note(f"global LipSDP bound ({_left(budget)}) ...")
+    if solver is not None:
+        value = solver.last_layer(solver.W, settings)
+    else:
+        value = estimate(graph, "sdp", settings).value
+    if budget.limited and budget.expired():
+        budget.note_cut("the global LipSDP stopped early (a proven, looser bound)")
+    return value
+
+
+def _left(budget: Budget) -> str:
+    return f"budget: {budget.remaining():.0f} s left" if budget.limited else "no budget limit"
+
+
+def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget: Budget,
+             points: tuple[np.ndarray, np.ndarray] | None, k: int, pair_s: float) -> None:
+    """Tighten the pairs that matter (all pairs without ``points``) by LipSDP, in place."""
+    done: set[tuple[int, int]] = set()
+    times: list[float] = [pair_s] if pair_s > 0 else []
+    while True:
+        if points is None:
+            todo = [(y, j) for y in range(k) for j in range(y + 1, k) if (y, j) not in done]
+            counts = {p: 0 for p in todo}
+        else:
+            binding = binding_pairs(consts.matrix, *points)
+            todo = [p for p in binding if p not in done]
+            counts = {p: len(binding[p]) for p in todo}
+        if not todo:
+            return
+        todo.sort(key=lambda p: -counts[p])  # under a budget, the pairs that decide most points first
+        with progress.bar("pairwise LipSDP", len(todo)) as bar:
+            for n, (y, j) in enumerate(todo):
+                bar.update(n, eta=_eta(times, len(todo) - n, budget))
+                typical = float(np.median(times)) if times else 0.0
+                if budget.limited and (budget.expired() or budget.remaining() < 0.5 * typical):
+                    budget.note_cut(f"pairwise LipSDP: {len(todo) - n} pair(s) that decide radii were not tightened")
+                    return
+                start = time.perf_counter()
+                value = solver.pair(y, j, _pair_settings(settings, budget, lambda *_: bar.update(n, eta=_eta(times, len(todo) - n, budget))))
+                times.append(time.perf_counter() - start)
+                done.add((y, j))
+                consts.tightened.append((y, j))
+                if value is not None and value < consts.matrix[y, j]:
+                    consts.matrix[y, j] = consts.matrix[j, y] = value
+                    consts.how[f"{y},{j}"] = consts.how[f"{j},{y}"] = "LipSDP pairwise"
+                if budget.limited and budget.expired():
+                    budget.note_cut("pairwise LipSDP stopped early (proven, looser pair bounds)")
+            bar.update(len(todo))
+
+
+def _pair_settings(settings: Settings, budget: Budget, redraw: Any) -> Settings:
+    """One pair's solve: up to the budget's end, redrawing the pairs' bar at each solver step (in
+    place of the solver's own status line)."""
+    from .estimators.sdp import FAST, solver_label
+
+    if solver_label(settings) == FAST:
+        settings = dataclasses.replace(settings, extra={**settings.extra, "solver_opts": {**settings.extra.get("solver_opts", {}), "progress": redraw}})
+    return settings_with_deadline(settings, budget.deadline()) if budget.limited else settings
+
+
+def _eta(times: list[float], left: int, budget: Budget) -> float | None:
+    """Seconds left: the median pair time so far times the pairs left, at most the budget left."""
+    if not times:
+        return None
+    eta = float(np.median(times)) * left
+    return min(eta, budget.remaining())
 
 
 @dataclass
@@ -152,7 +287,8 @@ class Certificates:
 
 def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, method: str = "sdp",
                      input_shape: tuple[int, ...] | None = None, constants: PairwiseConstants | None = None,
-                     proven: list[Result] | None = None) -> Certificates:
+                     proven: list[Result] | None = None, pairs: str = "binding", budget: Budget | float | None = None,
+                     settings: Settings | None = None) -> Certificates:
     """Certified radii for a batch of inputs ``x`` (shape (N, *input_shape)).
 
     ``label``: the true classes (None: certify the predicted class). Misclassified points get
@@ -160,14 +296,17 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     pairwise ones) or "naive". The returned object holds the radii (``np.asarray`` works on it),
     the predictions, and the constants used and how each was obtained. ``constants``: reuse
     constants computed before; ``proven``: results already computed for this model and norm
-    (see ``pairwise_constants``).
+    (see ``pairwise_constants``). ``pairs``: "binding" tightens by LipSDP only the pairs that
+    decide a radius of these points (the same radii as "all", which tightens every pair: see
+    ``pairwise_constants``). ``budget``: seconds (None or 0: no limit) or a Budget; what it cut
+    is in ``budget.cut``. ``settings``: solver settings for LipSDP (solver, variant, options).
     """
     from .load import load
 
+    check_choice("certified_radius", "pairs", pairs, ("binding", "all"))
     graph = load(model, input_shape)  # a Graph comes back as is
     norm = normalize_norm(norm, "certified_radius")
     xs = torch.from_numpy(input_batch(graph, x))
-    consts = constants or pairwise_constants(graph, norm, method, proven=proven)
     with torch.no_grad():
         logits = graph.forward(xs).reshape(len(xs), -1).numpy()
     predicted = logits.argmax(1)
@@ -176,6 +315,8 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
         raise InputError(f"{len(labels)} labels for {len(xs)} inputs", graph.source, "give one label per input")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise InputError(f"labels must lie in 0..{logits.shape[1] - 1}", graph.source, "check the labels")
+    consts = constants or pairwise_constants(graph, norm, method, settings, proven=proven, budget=budget,
+                                             points=(logits, labels) if pairs == "binding" else None)
     radii, global_radii = np.zeros(len(xs)), np.zeros(len(xs))
     gfactor = GLOBAL_FACTOR[norm] * consts.global_bound
     for i, (row, y) in enumerate(zip(logits, predicted)):
@@ -196,13 +337,15 @@ def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: Any = 2, method: str = "sdp",
-            input_shape: tuple[int, ...] | None = None, proven: list[Result] | None = None) -> dict[str, Any]:
+            input_shape: tuple[int, ...] | None = None, proven: list[Result] | None = None,
+            budget: Budget | float | None = None, settings: Settings | None = None, pairs: str = "binding") -> dict[str, Any]:
     """Certified radii and certified accuracy of a data set, as a JSON-ready dict. ``proven``:
-    results already computed for this model and norm (see ``pairwise_constants``)."""
+    results already computed for this model and norm (see ``pairwise_constants``); ``budget``,
+    ``settings``, ``pairs``: see ``certified_radius``."""
     from .load import load
 
     graph = load(model, input_shape)  # a Graph comes back as is
-    certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven)
+    certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven, budget=budget, settings=settings, pairs=pairs)
     eps = sorted(eps) if eps else []
     top = float(certs.radii.max()) if len(certs.radii) else 0.0
     grid = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, 41)

@@ -40,6 +40,26 @@ def output_options(fn: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a table.")(fn)
 
 
+def budget_option(default: float | None, extra: str = "") -> Callable:
+    """--budget SECONDS: the time the command may take (0: no limit)."""
+    shown = f"  [default: {default:g}]" if default else ""
+    return click.option("--budget", type=click.FloatRange(min=0), default=default, metavar="SECONDS",
+                        help=f"Time allowed in all; slow methods (LipSDP) stop at it with a proven, looser bound, and the output "
+                             f"says what was cut. 0: no limit.{extra}{shown}")
+
+
+def _budget_lines(budget: Any) -> list[str]:
+    """What the budget cut and how to get more, for the table output (empty when nothing was cut)."""
+    if budget is None or not budget.cut:
+        return []
+    return [f"budget: {'; '.join(budget.cut)}.", f"budget: {budget.advice()}."]
+
+
+def _budget_json(budget: Any) -> dict[str, Any]:
+    return {"seconds": budget.seconds, "elapsed_s": round(budget.elapsed(), 2), "cut": list(budget.cut),
+            "advice": budget.advice() if budget.cut else None}
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Turn lipcert's errors into one message on stderr and exit code 1 (never a traceback)."""
 
@@ -127,9 +147,10 @@ def _method_names() -> list[str]:
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Stop lipcert-fast after this long per LipSDP section; its multipliers so far are still verified, so the bound stays proven (only looser). Default: none.")
 @click.option("--layers", is_flag=True, help="Also print the per-layer norms and their running product.")
+@budget_option(None, " Default: 120 with --method all, no limit for one method.")
 @output_options
 @friendly_errors
-def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, time_limit: float | None, layers: bool, as_json: bool, quiet: bool) -> None:
+def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, time_limit: float | None, layers: bool, budget: float | None, as_json: bool, quiet: bool) -> None:
     """Bound the Lipschitz constant of MODEL (an .onnx file).
 
     A value marked 'proven' is a mathematical upper bound on the Lipschitz constant
@@ -142,26 +163,32 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
       lipcert bound model.onnx --method all --json
       lipcert bound model.onnx --method sdp --time-limit 60
     """
+    from .budget import DEFAULT_BUDGET_S, Budget, settings_with_deadline
     from .estimators import estimate, estimate_all
 
     progress.set_quiet(quiet or as_json)
+    allowance = Budget(budget if budget is not None else (DEFAULT_BUDGET_S if method == "all" else None))
     graph = _load(model, input_shape)
     settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant,
                         extra={"fast_time_limit": time_limit} if time_limit else {})
     if method == "all":
-        results, skipped = estimate_all(graph, settings, progress.note)
+        results, skipped = estimate_all(graph, settings, progress.note, allowance)
     else:
         progress.note(f"running {method} ...")
-        results, skipped = [estimate(graph, method, settings)], {}
+        one = settings_with_deadline(settings, allowance.deadline(), allowance.seconds)
+        results, skipped = [estimate(graph, method, one)], {}
+        if any(s.get("solver_status") == "time_limit" for s in results[0].details.get("sections", [])) and allowance.limited:
+            allowance.note_cut(f"{method} stopped early (a proven, looser bound)")
     best = getattr(best_proven(results), "method", None)
     if as_json:
         rows = [{**r.to_dict(), "best": r.method == best} for r in results]
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "best_upper": best, "results": rows, "skipped": skipped}))
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "best_upper": best, "results": rows, "skipped": skipped,
+                               "budget": _budget_json(allowance)}))
     else:
         out = format_results(results, layers=layers, best=best if len(results) > 1 else None)
         for name, reason in skipped.items():
             out += f"\nskipped {name}: {reason}"
-        click.echo(out)
+        click.echo("\n".join([out, *_budget_lines(allowance)]))
     if method != "all" and results[0].value is None:
         click.echo(f"Error: {method} gave no bound: {results[0].status}. What to do: try another --solver or --method naive.", err=True)
         sys.exit(1)
@@ -261,9 +288,12 @@ def _eps_list(ctx: click.Context, param: click.Parameter, value: tuple[float, ..
 @click.option("--eps", multiple=True, type=float, callback=_eps_list, default=(), help="Radius at which to report certified accuracy (repeatable).")
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Norm of the perturbation.")
 @click.option("--method", type=click.Choice(["sdp", "naive"]), default="sdp", show_default=True, help="How the pairwise margin constants are bounded (sdp: LipSDP for l2 where it applies).")
+@click.option("--pairs", type=click.Choice(["binding", "all"]), default="binding", show_default=True,
+              help="With --method sdp: tighten by LipSDP only the class pairs that decide some point's radius (the same radii), or every pair.")
+@budget_option(120.0)
 @output_options
 @friendly_errors
-def certify(model: str, input_shape, data: str, eps: list[float], norm: str, method: str, as_json: bool, quiet: bool) -> None:
+def certify(model: str, input_shape, data: str, eps: list[float], norm: str, method: str, pairs: str, budget: float, as_json: bool, quiet: bool) -> None:
     """Certified radii and certified accuracy of MODEL on a data set.
 
     A point is certified at radius eps when it is classified correctly and no perturbation of
@@ -275,15 +305,17 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
       lipcert certify models/mlp_spiral.onnx --data models/spiral_test.npz --eps 0.01 --eps 0.02
       lipcert certify models/cnn_bars.onnx --data models/bars_test.npz --norm inf --method naive --json
     """
+    from .budget import Budget
     from .certify import certify as run_certify, load_dataset
 
     progress.set_quiet(quiet or as_json)
+    allowance = Budget(budget)
     graph = _load(model, input_shape)
     x, y = load_dataset(data)
-    progress.note("computing the pairwise margin constants ...")
-    out = run_certify(graph, x, y, eps, norm=norm, method=method)
+    progress.note("computing the pairwise margin constants" + (f" (budget {budget:g} s) ..." if allowance.limited else " ..."))
+    out = run_certify(graph, x, y, eps, norm=norm, method=method, budget=allowance, pairs=pairs)
     if as_json:
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "data": data, **out}))
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "data": data, **out, "budget": _budget_json(allowance)}))
         return
     radii = np.array([p["radius"] for p in out["points"]])
     click.echo(f"{len(radii)} points, clean accuracy {out['clean_accuracy']:.3f}, l{norm} norm")
@@ -293,6 +325,11 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
         click.echo(_table(rows, ["eps", "certified accuracy"]))
     lip = out["lipschitz"]
     click.echo(f"margin constants: {', '.join(sorted(set(lip['how'].values())))} (global bound {lip['global_bound']:.6g} by {lip['global_method']})")
+    if lip["tightened"]:
+        which = "those that decide a radius" if pairs == "binding" else "all"
+        click.echo(f"pairwise LipSDP: {len(lip['tightened'])} of {len(lip['how']) // 2} class pairs tightened ({which})")
+    for line in _budget_lines(allowance):
+        click.echo(line)
 
 
 @main.command()
@@ -301,9 +338,10 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The HTML file to write, e.g. reports/model.html.")
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
+@budget_option(120.0)
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @friendly_errors
-def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, quiet: bool) -> None:
+def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, budget: float, quiet: bool) -> None:
     """Write a self-contained HTML report on MODEL: the interval [lower, upper], every method,
     per-layer norms, the witness and, with --data, certified accuracy.
 
@@ -314,15 +352,24 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
     from .certify import certify as run_certify, load_dataset
     from .report import collect, render
 
+    from .budget import Budget
+
     progress.set_quiet(quiet)
+    # a fifth of the budget is kept back for start-up, the page (figures) and steps that end past a deadline
+    total = Budget(budget)
+    allowance = total.child(0.8)
     graph = _load(model, input_shape)
     settings = Settings(norm=norm, seed=seed)
-    results, skipped = collect(graph, settings, progress.note)
+    # with data, the methods get half the budget and the certificates what is left
+    results, skipped = collect(graph, settings, progress.note, allowance.child(0.5) if data is not None else allowance)
     cert = None
     if data is not None:
         x, y = load_dataset(data)
         progress.note("certifying the data ...")
-        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results)  # reuse the bounds just computed
-    command = "lipcert report " + " ".join([model] + (["--data", data] if data else []) + ["-o", output] + (["--norm", norm] if norm != "2" else []) + (["--seed", str(seed)] if seed else []))
-    path = render(graph, results, output, command, skipped, cert, data_name=data or "", seed=seed)
+        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results, budget=allowance)  # reuse the bounds just computed
+    command = "lipcert report " + " ".join([model] + (["--data", data] if data else []) + ["-o", output] + (["--norm", norm] if norm != "2" else [])
+                                           + (["--seed", str(seed)] if seed else []) + ([f"--budget", f"{budget:g}"] if budget != 120 else []))
+    path = render(graph, results, output, command, skipped, cert, data_name=data or "", seed=seed, notes=_budget_lines(total))
     click.echo(f"wrote {path}")
+    for line in _budget_lines(total):
+        progress.note(line)

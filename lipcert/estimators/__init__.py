@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..config import Settings
 from ..errors import InputError, LipcertError
@@ -10,6 +10,9 @@ from ..graph import Graph
 from ..result import Result
 from . import naive, sdp, gram, power, lower  # noqa: F401  (registers, in order of preference)
 from .base import ESTIMATORS, SAFETY, Estimator
+
+if TYPE_CHECKING:
+    from ..budget import Budget
 
 __all__ = ["ESTIMATORS", "SAFETY", "Estimator", "estimate", "estimate_all"]
 
@@ -25,23 +28,54 @@ def estimate(graph: Graph, method: str, settings: Settings) -> Result:
     return est.run(graph, settings)
 
 
-def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] | None = None) -> tuple[list[Result], dict[str, str]]:
+def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] | None = None,
+                 budget: "Budget | None" = None) -> tuple[list[Result], dict[str, str]]:
     """Every registered estimator that applies, in order of preference: (results, skipped), where
     skipped maps a method that does not apply to the reason. A method that fails with a
     LipcertError becomes a result without a value whose status says why, so that one failure does
-    not take the others down."""
-    results: list[Result] = []
+    not take the others down.
+
+    ``budget`` (lipcert.budget.Budget): methods that can stop early with a proven value (LipSDP)
+    run after the others and share what is left of the budget; one that cannot even start within
+    it is skipped, with the reason."""
+    from ..budget import settings_with_deadline
+
+    results: dict[str, Result] = {}
     skipped: dict[str, str] = {}
+    accepted = []
     for name, est in ESTIMATORS.items():
         reason = est.accepts(graph, settings)
         if reason is not None:
             skipped[name] = reason
-            continue
+        else:
+            accepted.append((name, est))
+    # the methods that stop at a deadline last, so that the others' time is not taken from them
+    order = [a for a in accepted if not getattr(a[1], "stops_early", False)] + [a for a in accepted if getattr(a[1], "stops_early", False)]
+    for i, (name, est) in enumerate(order):
+        run_settings = settings
+        if budget is not None and budget.limited and getattr(est, "stops_early", False):
+            late = sum(getattr(e, "stops_early", False) for _, e in order[i:])  # this one and those after it
+            share = budget.remaining() / late
+            need = est.min_seconds(graph, settings) if hasattr(est, "min_seconds") else 0.0
+            if need > share:
+                why = (f"the budget leaves {share:.0f} s and it needs at least about {need:.0f} s here" if share >= 1
+                       else f"the {budget.seconds:g} s budget was spent before it could start")
+                skipped[name] = f"{why} (give --budget {max(10 * need, 600):.0f}, or --budget 0 for no limit)"
+                budget.note_cut(f"{name} skipped")
+                continue
+            run_settings = settings_with_deadline(settings, budget.deadline(1.0 / late), share)
         if note:
-            note(f"running {name} ...")
+            note(f"running {name} ..." + (f" (budget: {budget.remaining():.0f} s left)" if budget is not None and budget.limited else ""))
         try:
-            results.append(est.run(graph, settings))
+            results[name] = est.run(graph, run_settings)
         except LipcertError as exc:
-            results.append(Result(name, est.kind, settings.norm, None, False, 0.0, status=f"error: {exc.message()}",
-                                  model=graph.source, sha256=graph.sha256))
-    return results, skipped
+            results[name] = Result(name, est.kind, settings.norm, None, False, 0.0, status=f"error: {exc.message()}",
+                                   model=graph.source, sha256=graph.sha256)
+        if budget is not None and budget.limited and _was_cut(results[name]):
+            budget.note_cut(f"{name} stopped early (a proven, looser bound)")
+    return [results[name] for name in ESTIMATORS if name in results], skipped
+
+
+def _was_cut(result: Result) -> bool:
+    """Whether a LipSDP solve in ``result`` stopped at its time limit."""
+    return any(s.get("solver_status") == "time_limit" for s in result.details.get("sections", []))

@@ -692,7 +692,8 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         lam = lam / rho0
     if opts.get("init") is not None:
         cand = work.from_original(expand_multipliers(problem, opts["init"]))
-        if np.all(cand > 0) and np.all(np.isfinite(cand)):
+        # used only when strictly feasible; else the layer-wise start stands
+        if np.all(cand > 0) and np.all(np.isfinite(cand)) and _min_rho(work, cand) is not None:
             lam = cand
     P = _group_matrix(work, variant)
     if P is None:
@@ -719,6 +720,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     it = 0
     gap = math.inf
     grp = (lambda v: v) if P is None else (lambda v: P.T @ v)
+    t_step = t_start
     while True:
         # ---- certificate from the current X (<C_i, X> is on the diagonal of Y^T X Y) ----
         QX = work.quad(X)
@@ -736,9 +738,12 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
             break
         if it >= max_iter:
             break
-        if time_limit is not None and time.perf_counter() - t_start > time_limit:
+        # stop at the limit, or before a step that would end past it (the last step's length)
+        now = time.perf_counter()
+        if time_limit is not None and now - t_start + (now - t_step if it else 0.0) > time_limit:
             status = "time_limit"
             break
+        t_step = now
         it += 1
         # ---- Schur complement M_kl = <A_k, X A_l S^-1> + LP part ----
         if it > 1:

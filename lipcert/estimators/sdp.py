@@ -119,6 +119,7 @@ class Solved:
     verify_time_s: float = 0.0
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     attempts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    multipliers: list[np.ndarray] | None = None  # the proposed multipliers that were verified (a warm start)
 
 
 @contextlib.contextmanager
@@ -220,7 +221,7 @@ def _attempt(problem: LipSDPProblem, variant: str, solver: str, opts: dict[str, 
     if not checked.ok:
         return Solved(None, solver_value, f"not_verified: {solver} (status {solver_status}): {checked.reason}", solver, solver_status, done - start, done - solved_at, info)
     info = {**info, "verification": checked.reason}
-    return Solved(checked.value, solver_value, "ok", solver, solver_status, done - start, done - solved_at, info)
+    return Solved(checked.value, solver_value, "ok", solver, solver_status, done - start, done - solved_at, info, multipliers=lams)
 
 
 # the margin on rho below which a verified value is as good as the solver's (tol 1e-6 on rho)
@@ -290,24 +291,61 @@ LONG_DIM = 3000
 
 def _attempt_fast(problem: LipSDPProblem, variant: str, opts: dict[str, Any], settings: Settings) -> Solved:
     """lipcert-fast, with a status line (step, value, gap) on large problems."""
-    opts = _fast_opts(opts, settings)
+    opts = _fast_opts(opts, settings, problem.dim)
     if problem.dim < PROGRESS_DIM or "progress" in opts:
         return _attempt(problem, variant, FAST, opts)
     if problem.dim >= LONG_DIM and not opts.get("time_limit"):
         progress.note(f"LipSDP: a matrix inequality of {problem.dim} rows, {problem.n_hidden} neurons: this takes minutes "
                       "(the cost of a step grows as rows^3); --time-limit SECONDS stops early with a looser, still proven bound")
+    eta = progress.ConvergenceEta(float(opts.get("tol", 1e-6)), opts.get("time_limit"))
     with progress.status(f"LipSDP ({problem.dim} rows)") as line:
         def report(it: int, value: float, gap: float) -> None:
             text = f"step {it}, {value:.6g} (not yet verified)"
-            line.update(f"{text}, duality gap {gap:.1e}" if math.isfinite(gap) else text)
+            text = f"{text}, duality gap {gap:.1e}" if math.isfinite(gap) else text
+            left = eta.update(gap)
+            line.update(text if left is None else f"{text}, {progress.eta_text(left)}")
 
         return _attempt(problem, variant, FAST, {**opts, "progress": report})
 
 
-def _fast_opts(opts: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """lipcert-fast's options, with the user's time limit (``--time-limit``) when one is set."""
-    limit = settings.extra.get("fast_time_limit")
-    return {**opts, "time_limit": float(limit)} if limit and "time_limit" not in opts else opts
+def _fast_opts(opts: dict[str, Any], settings: Settings, dim: int = 0) -> dict[str, Any]:
+    """lipcert-fast's options, with the user's time limit (``--time-limit``) when one is set, and
+    the time left before ``settings.extra["deadline"]`` (a ``time.perf_counter()`` value set by a
+    budget, see lipcert/budget.py), less the time the float64 verification will take."""
+    if "time_limit" in opts:
+        return opts
+    limits = [float(v) for v in [settings.extra.get("fast_time_limit")] if v]
+    deadline = settings.extra.get("deadline")
+    if deadline is not None:
+        limits.append(max(float(deadline) - time.perf_counter() - verify_seconds(dim), 0.0))
+    return {**opts, "time_limit": min(limits)} if limits else opts
+
+
+def _section_deadline(settings: Settings, section: Section, sections: list[Section]) -> Settings:
+    """With a deadline, ``section`` gets the share of the time left that its size (rows^3) has
+    among itself and the sections after it, so that a first large section does not take it all."""
+    deadline = settings.extra.get("deadline")
+    if deadline is None:
+        return settings
+    after = sections[sections.index(section):]
+    weights = [float(s.problem.dim) ** 3 for s in after if s.problem is not None]
+    share = float(section.problem.dim) ** 3 / sum(weights) if section.problem is not None and sum(weights) > 0 else 1.0
+    now = time.perf_counter()
+    return dataclasses.replace(settings, extra={**settings.extra, "deadline": now + share * max(float(deadline) - now, 0.0)})
+
+
+# Seconds per (rows)^3 of lipcert-fast's start (layer-wise multipliers, a centred S^-1: about two
+# steps) on this project's machine: 0.7 s a step at 1808 rows (mnist-net_256x4).
+START_S_PER_ROW3 = 2.4e-10
+# Seconds per (rows)^3 of verify_best on this project's machine (2 cores, one busy): 0.78 s at 1808
+# rows (mnist-net_256x4), 14 s at 6244 (cifar_base_kw); the constant fits the smaller one, which
+# over-estimates the larger: a budget keeps this much time back for the proof.
+VERIFY_S_PER_ROW3 = 1.4e-10
+
+
+def verify_seconds(dim: int) -> float:
+    """A rough (generous) estimate of the float64 verification time of a ``dim``-row LipSDP."""
+    return VERIFY_S_PER_ROW3 * float(dim) ** 3
 
 
 def _attempt_record(s: Solved) -> dict[str, Any]:
@@ -406,6 +444,13 @@ class LipSDP:
     name = "sdp"
     kind = "upper"
     description = "LipSDP (neuron or layer multipliers), solver multipliers re-verified in float64; proven l2 bound"
+    stops_early = True  # at settings.extra["deadline"], with the proven bound of the multipliers so far
+
+    def min_seconds(self, graph: Graph, settings: Settings) -> float:
+        """A rough estimate of the least time a run takes, however early its solves stop: each
+        section's start (about two solver steps) and its float64 verification (see verify_seconds)."""
+        _, sections = plan(graph)
+        return sum(START_S_PER_ROW3 * float(s.problem.dim) ** 3 + verify_seconds(s.problem.dim) for s in sections if s.problem is not None)
 
     def accepts(self, graph: Graph, settings: Settings) -> str | None:
         if (reason := _check_norm(settings)) is not None:
@@ -430,6 +475,8 @@ class LipSDP:
         label = solver_label(settings)
         run_settings = {"norm": "2", "variant": settings.sdp_variant, "solver": label, "safety_margin": SAFETY,
                         "solver_opts": dict(settings.extra.get("solver_opts", {})), "time_limit": settings.extra.get("fast_time_limit")}
+        if settings.extra.get("budget_s") is not None:  # the share of a --budget this run had
+            run_settings["budget_s"] = settings.extra["budget_s"]
         bounds: dict[str, tuple[float, str]] = {}
         records: list[dict[str, Any]] = []
         failures: list[tuple[Section, Solved]] = []
@@ -437,7 +484,7 @@ class LipSDP:
         for s in sections:
             if s.problem is None:
                 continue
-            solved = solve_problem(s.problem, settings)
+            solved = solve_problem(s.problem, _section_deadline(settings, s, sections))
             records.append({"section": s.label, "nodes": [n.name for n in s.nodes], "dim": s.problem.dim,
                             "widths": s.problem.widths, "multipliers": s.problem.n_hidden if settings.sdp_variant == "neuron" else len(s.problem.widths) - 1,
                             "solver": solved.solver, "status": solved.status, "solver_status": solved.solver_status,
@@ -497,52 +544,82 @@ def pairwise_lipschitz(graph: Graph, pairs: list[tuple[int, int]], settings: Set
     once and composed as in ``LipSDP.run``. None where no proven bound was found (solver failure);
     InputError when the network's output section admits no pairwise bound (e.g. a residual sum or
     max-pooling produces the output) or a section is too large."""
-    if (reason := LipSDP().accepts(graph, settings)) is not None:
-        raise InputError(f"pairwise LipSDP does not apply: {reason}", graph.source)
-    merged, sections = plan(graph)
-    out_section = next(s for s in sections if s.nodes[-1].name == merged.output)
-    last = out_section.nodes[-1]
-    if out_section.problem is None and not (len(out_section.nodes) == 1 and isinstance(last, Affine)):
-        raise InputError(f"pairwise bounds need the output to come from a linear layer or a LipSDP section; {last.name} is a {type(last).__name__}", graph.source)
-    if out_section.problem is None:
-        W = last.lin.dense()
-        if W is None:
-            raise InputError(f"the output layer {last.name} is too large for a dense matrix", graph.source)
-    else:
-        W = out_section.problem.weights[-1]
-        distinct = len({(min(y, j), max(y, j)) for y, j in pairs if y != j})
-        if out_section.problem.dim >= LONG_DIM and distinct > 1:
-            raise InputError(f"pairwise LipSDP would solve {distinct} matrix inequalities of {out_section.problem.dim} rows, "
-                             "minutes each; the global LipSDP bound is used instead", graph.source)
-    n_out = W.shape[0]
-    for y, j in pairs:
-        if not (0 <= y < n_out and 0 <= j < n_out):
-            raise InputError(f"class pair {(y, j)} is out of range for {n_out} outputs")
-    bounds: dict[str, tuple[float, str]] = {}
-    for s in sections:
-        if s.problem is not None and s is not out_section:
-            solved = solve_problem(s.problem, settings)
-            if solved.value is None:
-                return {pair: None for pair in pairs}
-            bounds[s.nodes[-1].name] = (solved.value, "LipSDP")
+    solver = PairSolver(graph, settings)
+    distinct = len({(min(y, j), max(y, j)) for y, j in pairs if y != j})
+    if solver.dim >= LONG_DIM and distinct > 1:
+        raise InputError(f"pairwise LipSDP would solve {distinct} matrix inequalities of {solver.dim} rows, "
+                         "minutes each; the global LipSDP bound is used instead", graph.source)
     out: dict[tuple[int, int], float | None] = {}
     with progress.bar("pairwise LipSDP", len(pairs)) as bar:
         for done, (y, j) in enumerate(pairs, 1):
             bar.update(done - 1)
-            if (j, y) in out:
-                out[(y, j)] = out[(j, y)]
-                continue
-            if y == j:
-                out[(y, j)] = 0.0
-                continue
-            row = np.atleast_2d(W[y] - W[j])
-            if out_section.problem is None:
-                value: float | None = float(np.linalg.norm(row)) * (1.0 + SAFETY)
-            else:
-                value = solve_problem(out_section.problem.with_last(row), settings).value
-            if value is None:
-                out[(y, j)] = None
-                continue
-            out[(y, j)] = _compose(merged, sections, {**bounds, last.name: (value, "pairwise")})[0]
+            out[(y, j)] = out[(j, y)] if (j, y) in out else solver.pair(y, j)
         bar.update(len(pairs))
     return out
+
+
+class PairSolver:
+    """Proven l2 bounds on the Lipschitz constant of f_y - f_j, one pair at a time (see
+    ``pairwise_lipschitz``): the sections that do not produce the output are solved once, on
+    first use; ``pair(y, j, settings)`` solves the output section with the row difference."""
+
+    def __init__(self, graph: Graph, settings: Settings) -> None:
+        if (reason := LipSDP().accepts(graph, settings)) is not None:
+            raise InputError(f"pairwise LipSDP does not apply: {reason}", graph.source)
+        self.graph, self.settings = graph, settings
+        self.merged, self.sections = plan(graph)
+        self.out_section = next(s for s in self.sections if s.nodes[-1].name == self.merged.output)
+        last = self.last = self.out_section.nodes[-1]
+        if self.out_section.problem is None and not (len(self.out_section.nodes) == 1 and isinstance(last, Affine)):
+            raise InputError(f"pairwise bounds need the output to come from a linear layer or a LipSDP section; {last.name} is a {type(last).__name__}", graph.source)
+        if self.out_section.problem is None:
+            W = last.lin.dense()
+            if W is None:
+                raise InputError(f"the output layer {last.name} is too large for a dense matrix", graph.source)
+        else:
+            W = self.out_section.problem.weights[-1]
+        self.W = W
+        self.n_out = W.shape[0]
+        self._bounds: dict[str, tuple[float, str]] | None = None
+        self.multipliers: list[np.ndarray] | None = None  # of the output section's last successful solve
+
+    @property
+    def dim(self) -> int:
+        """Rows of the matrix inequality solved per pair (0: the output is a lone affine layer)."""
+        return 0 if self.out_section.problem is None else self.out_section.problem.dim
+
+    def _others(self) -> dict[str, tuple[float, str]] | None:
+        if self._bounds is None:
+            bounds: dict[str, tuple[float, str]] = {}
+            for s in self.sections:
+                if s.problem is not None and s is not self.out_section:
+                    solved = solve_problem(s.problem, self.settings)
+                    if solved.value is None:
+                        return None
+                    bounds[s.nodes[-1].name] = (solved.value, "LipSDP")
+            self._bounds = bounds
+        return self._bounds
+
+    def pair(self, y: int, j: int, settings: Settings | None = None) -> float | None:
+        """The proven bound for f_y - f_j (0 when y == j; None when no proof was found)."""
+        if not (0 <= y < self.n_out and 0 <= j < self.n_out):
+            raise InputError(f"class pair {(y, j)} is out of range for {self.n_out} outputs")
+        if y == j:
+            return 0.0
+        return self.last_layer(np.atleast_2d(self.W[y] - self.W[j]), settings)
+
+    def last_layer(self, rows: np.ndarray, settings: Settings | None = None) -> float | None:
+        """The proven bound of the network whose last linear map is ``rows`` (e.g. a row difference)."""
+        bounds = self._others()
+        if bounds is None:
+            return None
+        if self.out_section.problem is None:
+            value: float | None = float(np.linalg.norm(rows, 2)) * (1.0 + SAFETY)
+        else:
+            solved = solve_problem(self.out_section.problem.with_last(rows), settings or self.settings)
+            value = solved.value
+            if solved.multipliers is not None:
+                self.multipliers = solved.multipliers
+        if value is None:
+            return None
+        return _compose(self.merged, self.sections, {**bounds, self.last.name: (value, "pairwise")})[0]

@@ -25,11 +25,12 @@ def versions() -> dict[str, str]:
     return {"lipcert": __version__, "torch": torch.__version__, "cvxpy": cvxpy.__version__, "numpy": np.__version__, "onnx": onnx.__version__}
 
 
-def collect(graph: Graph, settings: Settings, note: Any = None) -> tuple[list[Result], list[tuple[str, str]]]:
-    """Run every registered method that applies; return the results and the skipped methods."""
+def collect(graph: Graph, settings: Settings, note: Any = None, budget: Any = None) -> tuple[list[Result], list[tuple[str, str]]]:
+    """Run every registered method that applies (within ``budget``, a lipcert.budget.Budget, when
+    given); return the results and the skipped methods."""
     from ..estimators import estimate_all
 
-    results, skipped = estimate_all(graph, settings, note)
+    results, skipped = estimate_all(graph, settings, note, budget)
     return results, list(skipped.items())
 
 
@@ -40,8 +41,9 @@ def _short(arr: Any, n: int = 12) -> str:
 
 
 def render(graph: Graph, results: list[Result], path: str | Path, command: str = "", skipped: list[tuple[str, str]] | None = None,
-           certificates: dict[str, Any] | None = None, data_name: str = "", seed: int = 0) -> Path:
-    """Write one self-contained HTML file (plots inline as SVG, no external resources)."""
+           certificates: dict[str, Any] | None = None, data_name: str = "", seed: int = 0, notes: list[str] | None = None) -> Path:
+    """Write one self-contained HTML file (plots inline as SVG, no external resources). ``notes``:
+    further lines for the warnings list (e.g. what a budget cut)."""
     env = Environment(loader=PackageLoader("lipcert.report", "templates"), autoescape=select_autoescape(["html", "jinja"]))
     lowers = [r for r in results if r.kind == "lower" and r.value is not None]
     best = best_proven(results)
@@ -60,7 +62,7 @@ def render(graph: Graph, results: list[Result], path: str | Path, command: str =
     # the naive bound's breakdown is per layer; LipSDP's is per section (whole runs of layers)
     layered = next((r for r in results if r.method == "naive" and r.layers), None) or next((r for r in results if r.layers), None)
     layers = layered.layers if layered else []
-    warnings = [f"{r.method}: {w}" for r in results for w in r.warnings] + [f"{r.method}: {r.status}" for r in results if r.value is None]
+    warnings = [f"{r.method}: {w}" for r in results for w in r.warnings] + [f"{r.method}: {r.status}" for r in results if r.value is None] + list(notes or [])
     ctx: dict[str, Any] = {
         "model_name": Path(graph.source or "model").name, "model_path": graph.source or "", "sha256": graph.sha256 or "n/a",
         "input_shape": "x".join(map(str, graph.input_shape)), "output_shape": "x".join(map(str, graph.output_shape)),

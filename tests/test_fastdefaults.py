@@ -1,0 +1,165 @@
+"""Pairs that matter and budgets (issue 14): certify tightens only the class pairs that decide a
+radius, and gets exactly the radii of tightening every pair; radii are never below the naive
+pairwise ones, under any budget; --budget cuts LipSDP with a proven bound and says so."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lipcert
+from lipcert.budget import Budget, settings_with_deadline
+from lipcert.certify import binding_pairs, certified_radius, pairwise_constants
+from lipcert.cli import main
+from lipcert.config import Settings
+from lipcert.estimators import ESTIMATORS, estimate_all, sdp
+from conftest import MODELS
+
+
+@pytest.fixture(scope="module")
+def tenclass():
+    """A seeded 12-24-24-10 ReLU classifier (45 class pairs) and 40 inputs."""
+    gen = torch.Generator().manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.ReLU(), torch.nn.Linear(24, 24), torch.nn.ReLU(), torch.nn.Linear(24, 10))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.6)
+    graph = lipcert.load(net, (1, 12))
+    x = np.random.default_rng(3).normal(size=(40, 12))
+    return graph, x
+
+
+@pytest.fixture(scope="module")
+def radii(tenclass):
+    graph, x = tenclass
+    return {name: certified_radius(graph, x, method=method, pairs=pairs)
+            for name, method, pairs in [("naive", "naive", "binding"), ("binding", "sdp", "binding"), ("all", "sdp", "all")]}
+
+
+def test_binding_pairs_are_the_minimisers():
+    K = np.array([[0, 1.0, 2.0], [1.0, 0, 4.0], [2.0, 4.0, 0]])
+    logits = np.array([[3.0, 2.0, 1.0],    # class 0: margins 1 (j=1, /1) and 2 (j=2, /2): a tie, both bind
+                       [0.0, 5.0, 1.0],    # class 1: 5/1 = 5 and 4/4 = 1: j = 2
+                       [0.0, 1.0, 1.0],    # a tie between classes 1 and 2: radius 0, nothing to tighten
+                       [9.0, 0.0, 8.5]])   # class 0, but labelled 2: misclassified
+    out = binding_pairs(K, logits, np.array([0, 1, 1, 2]))
+    assert out == {(0, 1): [0], (0, 2): [0], (1, 2): [1]}
+
+
+def test_binding_radii_equal_the_all_pairs_radii_with_fewer_solves(tenclass, radii):
+    graph, x = tenclass
+    b, a = radii["binding"], radii["all"]
+    assert len(a.constants.tightened) == 45
+    assert 0 < len(b.constants.tightened) < 45
+    np.testing.assert_array_equal(b.predicted, a.predicted)
+    # the same LipSDP solve per tightened pair: the same radii, to the last bit
+    np.testing.assert_array_equal(b.radii, a.radii)
+    # and every point's deciding pair under the final constants was tightened
+    with torch.no_grad():
+        logits = graph.forward(torch.as_tensor(x).reshape(len(x), 1, 12)).reshape(len(x), -1).numpy()
+    assert set(binding_pairs(b.constants.matrix, logits, b.labels)) <= set(b.constants.tightened)
+
+
+def test_binding_radii_never_below_naive_pairwise_and_sound(tenclass, radii):
+    graph, x = tenclass
+    b, naive = radii["binding"], radii["naive"]
+    ok = b.radii > 0
+    assert ok.sum() >= 20
+    assert (b.radii >= naive.radii * (1 - 1e-12)).all()
+    assert np.median(b.radii[ok] / naive.radii[ok]) > 1.05  # LipSDP does help here
+    # sound: the constant of every pair is at least the largest slope an attack finds for its margin
+    xs = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    out = graph.forward(xs.reshape(len(x), 1, 12)).reshape(len(x), -1)
+    for y, j in b.constants.tightened:
+        (g,) = torch.autograd.grad((out[:, y] - out[:, j]).sum(), xs, retain_graph=True)
+        assert g.norm(dim=1).max().item() <= b.constants.matrix[y, j]
+
+
+@pytest.mark.parametrize("seconds", [1e-3, 0.3])
+def test_any_budget_keeps_radii_between_naive_and_all_pairs(tenclass, radii, seconds):
+    graph, x = tenclass
+    budget = Budget(seconds)
+    cut = certified_radius(graph, x, budget=budget)
+    assert (cut.radii >= radii["naive"].radii * (1 - 1e-12)).all()
+    # looser constants than the unlimited run (solves stopped early give larger, still proven values)
+    assert (cut.radii <= radii["all"].radii * (1 + 1e-9)).all()
+    if seconds == 1e-3:
+        assert budget.cut and "--budget" in budget.advice()
+
+
+def test_budget_zero_means_no_limit():
+    assert Budget(0).seconds is None and not Budget(0).limited and math.isinf(Budget(None).remaining())
+    with pytest.raises(lipcert.InputError, match="'seconds' parameter of Budget"):
+        Budget(-1)
+
+
+QUICK = Settings(starts=1, steps=0, iterations=5)  # the lower-bound search and Gram iteration kept short
+
+
+def test_lipsdp_stopped_by_a_deadline_still_proves_a_bound(tenclass):
+    graph, _ = tenclass
+    full = ESTIMATORS["sdp"].run(graph, Settings())
+    naive = ESTIMATORS["naive"].run(graph, Settings())
+    cut = ESTIMATORS["sdp"].run(graph, settings_with_deadline(Settings(), time.perf_counter()))
+    assert cut.certified and full.value <= cut.value <= naive.value * (1 + 1e-9)
+    assert cut.details["sections"][0]["solver_status"] == "time_limit"
+    # estimate_all: LipSDP runs last, with what the budget leaves
+    budget = Budget(600)
+    results, skipped = estimate_all(graph, QUICK, budget=budget)
+    assert not skipped and [r.method for r in results] == list(ESTIMATORS) and not budget.cut
+    assert next(r for r in results if r.method == "sdp").settings["budget_s"] > 500
+
+
+def test_a_method_that_cannot_start_within_the_budget_is_skipped(tenclass, monkeypatch):
+    graph, _ = tenclass
+    monkeypatch.setattr(sdp, "START_S_PER_ROW3", 1e6)
+    budget = Budget(30)
+    results, skipped = estimate_all(graph, QUICK, budget=budget)
+    assert "sdp" in skipped and "--budget" in skipped["sdp"] and "sdp skipped" in budget.cut
+    assert [r.method for r in results] == [m for m in ESTIMATORS if m != "sdp"]
+
+
+def test_cli_budget_is_reported(tmp_path):
+    spiral, data = str(MODELS / "mlp_spiral.onnx"), str(MODELS / "spiral_test.npz")
+    res = CliRunner().invoke(main, ["certify", spiral, "--data", data, "--budget", "0.0001"])
+    assert res.exit_code == 0, res.output
+    assert "budget:" in res.stdout and "--budget 0: no limit" in res.stdout
+    res = CliRunner().invoke(main, ["certify", spiral, "--data", data, "--json"])
+    out = json.loads(res.stdout)
+    assert out["budget"]["seconds"] == 120 and out["budget"]["cut"] == [] and out["lipschitz"]["tightened"]
+    res = CliRunner().invoke(main, ["bound", spiral, "--method", "all", "--budget", "0.0001", "--json"])
+    out = json.loads(res.stdout)
+    assert out["budget"]["cut"] == ["sdp skipped"] and "--budget" in out["skipped"]["sdp"]
+    assert next(r for r in out["results"] if r["method"] == "naive")["certified"]
+    res = CliRunner().invoke(main, ["bound", spiral, "--method", "sdp", "--json"])
+    assert json.loads(res.stdout)["budget"]["seconds"] is None
+    # no budget, but a solver time limit: LipSDP is cut, the budget has nothing to say
+    res = CliRunner().invoke(main, ["bound", spiral, "--method", "all", "--budget", "0", "--time-limit", "0.000001", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["budget"] == {"seconds": None, "elapsed_s": json.loads(res.stdout)["budget"]["elapsed_s"], "cut": [], "advice": None}
+    assert "no budget limit" in Budget(0).advice()
+    res = CliRunner().invoke(main, ["certify", spiral, "--data", data, "--budget", "-1"])
+    assert res.exit_code == 2
+
+
+def test_time_left_from_the_rate_of_the_duality_gap(monkeypatch):
+    from lipcert import progress
+
+    clock = iter(range(100))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    eta = progress.ConvergenceEta(tol=1e-6, limit=None, typical=25)  # starts at t = 0
+    assert eta.update(math.inf) is None  # step 0 at t = 1: nothing to go on
+    assert eta.update(math.inf) == 24.0  # 1 s a step, 25 typical steps, 1 done
+    eta.update(1e-1)
+    # the gap falls by 10x a step (1 s): 1e-2 -> 1e-6 takes 4 more steps
+    assert eta.update(1e-2) == pytest.approx(4.0)
+    capped = progress.ConvergenceEta(tol=1e-6, limit=4.0)  # starts at t = 5
+    capped.update(1e-1), capped.update(1e-2)  # t = 6, 7
+    assert capped.update(1e-3) == pytest.approx(1.0)  # t = 8: 3 steps to go, but the limit leaves 1 s
+    assert progress.eta_text(40) == "about 40 s left" and progress.eta_text(300) == "about 5 min left"
