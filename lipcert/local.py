@@ -386,15 +386,16 @@ def margin_constants(chain: Chain, bounds: Bounds, norm: str, rows: np.ndarray, 
         how.append(label)
     values = np.array(values)
     if sdp and norm == "2":
-        got = _local_sdp(chain, bounds, rows @ chain.weights[-1])
+        got = _local_sdp(chain, bounds, list(rows @ chain.weights[-1]))
         for i, v in enumerate(got):
             if v is not None and v < values[i]:
                 values[i], how[i] = v, "LipSDP local slopes"
     return values, how
 
 
-def _local_sdp(chain: Chain, bounds: Bounds, lasts: np.ndarray) -> list[float | None]:
-    """LipSDP with the local per-neuron slopes (stably inactive neurons removed), one solve per row."""
+def _local_sdp(chain: Chain, bounds: Bounds, lasts: list[np.ndarray]) -> list[float | None]:
+    """LipSDP with the local per-neuron slopes (stably inactive neurons removed), one solve per
+    last layer in ``lasts`` (a matrix, or a row for a margin)."""
     from .config import Settings
     from .estimators.sdp import solve_problem
     from .estimators.sdp_problem import LipSDPProblem
@@ -411,7 +412,7 @@ def _local_sdp(chain: Chain, bounds: Bounds, lasts: np.ndarray) -> list[float | 
         return [0.0 for _ in lasts]  # a layer with no active neuron: the function is constant
     out: list[float | None] = []
     for last in lasts:
-        problem = LipSDPProblem([*weights, np.atleast_2d(last[prev])], alphas, betas)
+        problem = LipSDPProblem([*weights, np.atleast_2d(last)[:, prev]], alphas, betas)
         solved = solve_problem(problem, Settings(norm="2"))
         out.append(solved.value)
     return out
@@ -422,11 +423,15 @@ def whole_constant(chain: Chain, bounds: Bounds, norm: str, sdp: bool = False) -
     lo, hi = jacobian_intervals(chain, bounds, np.eye(chain.weights[-1].shape[0]))
     big = np.maximum(np.abs(lo), np.abs(hi))
     best, how = _layer_norm(big, norm) * (1 + SAFETY), "interval Jacobian"  # ||J|| <= || |J| || <= ||max|J|||
+    # J = mid + D with |D| <= rad entrywise: ||J|| <= ||mid|| + ||rad|| (exact when no neuron is unstable)
+    split = (_layer_norm((lo + hi) / 2, norm) + _layer_norm((hi - lo) / 2, norm)) * (1 + 4 * SAFETY)
+    if split < best:
+        best = split
     masked = masked_product(chain, bounds, norm)
     if masked < best:
         best, how = masked, "masked product"
     if sdp and norm == "2":
-        got = _local_sdp(chain, bounds, chain.weights[-1][None])
+        got = _local_sdp(chain, bounds, [chain.weights[-1]])
         if got[0] is not None and got[0] < best:
             best, how = got[0], "LipSDP local slopes"
     return best, how
@@ -527,3 +532,22 @@ def local_radius(graph: Graph, chain: Chain, x: np.ndarray, y: int, margins: np.
         else:
             hi = r
     return LocalRadius(lo, how, checks, time.perf_counter() - t0)
+
+
+def local_radii(graph: Graph, xs: np.ndarray, labels: np.ndarray, logits: np.ndarray, norm: str, start: np.ndarray,
+                sdp: bool = False, on_point: Any = None) -> tuple[np.ndarray, list[str]]:
+    """Local certified radii of a batch (radius 0 where misclassified), never below ``start``
+    (radii already certified, e.g. by the global constants), and which constant certified each."""
+    chain = chain_of(graph)
+    radii, how = np.asarray(start, np.float64).copy(), ["global"] * len(xs)
+    for i, (row, y) in enumerate(zip(logits, labels)):
+        if row.argmax() != y:
+            how[i] = "misclassified"
+            continue
+        _, rows = margin_rows(len(row), int(y))
+        got = local_radius(graph, chain, np.asarray(xs[i], np.float64).reshape(-1), int(y), rows @ row, norm, float(radii[i]), sdp=sdp)
+        if got.radius > radii[i]:
+            radii[i], how[i] = got.radius, got.how
+        if on_point is not None:
+            on_point(i)
+    return radii, how
