@@ -49,12 +49,12 @@ def _margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y[:, None])[:, 0]
     other = logits.clone()
     other.scatter_(1, y[:, None], -math.inf)
-    return other.max(1).values - true
+    return other.amax(1) - true
 
 
 def _norms(d: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = d.reshape(len(d), -1)
-    return {"2": flat.norm(dim=1), "inf": flat.abs().max(1).values, "1": flat.abs().sum(1)}[norm]
+    order = {"2": 2.0, "inf": math.inf, "1": 1.0}[norm]
+    return torch.linalg.vector_norm(d.reshape(len(d), -1), ord=order, dim=1)
 
 
 def _project(d: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:

@@ -192,6 +192,7 @@ def test_local_bound_refuses_a_residual_network():
         local_bound(lipcert.load(Res(), (1, 3)), np.zeros(3), 0.1)
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), norm=st.sampled_from(["2", "inf"]), act=st.sampled_from(["relu", "tanh"]))
 def test_attack_never_flips_a_point_inside_its_local_certified_radius(seed, norm, act):
