@@ -136,6 +136,7 @@ class Certificates:
     constants: PairwiseConstants
     global_radii: np.ndarray  # the same radii from the global fallback constant only
     how: list[str] | None = None  # with local=True: which constant certified each point
+    pairwise_radii: np.ndarray | None = None  # with local=True: the radii before the local search
 
     @property
     def correct(self) -> np.ndarray:
@@ -188,13 +189,14 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
         margins = np.array([row[y] - row[j] for j in others])
         radii[i] = float(np.min(margins / consts.matrix[y, others]))
         global_radii[i] = float(np.min(margins) / gfactor)
-    how = None
+    how, before = None, None
     if local:  # local constants over the ball itself (lipcert/local.py)
         from .local import local_radii
 
+        before = radii.copy()
         with progress.bar("local radii", len(xs)) as bar:
             radii, how = local_radii(graph, xs.numpy(), labels, logits, norm, radii, on_point=lambda i: bar.update(i + 1))
-    return Certificates(radii, predicted, labels, consts, global_radii, how)
+    return Certificates(radii, predicted, labels, consts, global_radii, how, before)
 
 
 def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -225,5 +227,5 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
         "curve": {"radius": grid.tolist(), "certified_accuracy": [certs.certified_accuracy(r) for r in grid]},
         "global_curve": [certs.certified_accuracy(r, global_only=True) for r in grid],
         "lipschitz": certs.constants.to_dict(),
-        **({"local": True, "how": certs.how, "global_radii": certs.global_radii.tolist()} if certs.how is not None else {}),
+        **({"local": True, "how": certs.how, "pairwise_radii": certs.pairwise_radii.tolist()} if certs.how is not None else {}),
     }

@@ -233,3 +233,71 @@ def test_mnist_local_radius_beats_global_and_stays_below_the_attack(norm, factor
     assert (certs.radii >= factor * certs.global_radii).all()
     found = attack(graph, x, y, norm=norm, steps=40, restarts=1, search=8)
     assert (found.radii >= certs.radii).all()
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from lipcert.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _tiny_model(tmp_path):
+    graph_module = mlp(2, (4, 8, 3))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(graph_module.float(), torch.zeros(1, 4), str(path), dynamo=False)
+    return path
+
+
+def test_cli_bound_over_a_ball_and_a_box(tmp_path):
+    import json
+
+    model = _tiny_model(tmp_path)
+    x = np.random.default_rng(0).normal(size=(2, 4))
+    np.savez(tmp_path / "c.npz", x=x)
+    np.savez(tmp_path / "lo.npz", x=x - 0.1)
+    np.savez(tmp_path / "hi.npz", x=x + 0.1)
+    res = _cli("bound", model, "--center", tmp_path / "c.npz", "--radius", 0.1, "--index", 1, "--method", "all", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["region"] == {"kind": "ball", "norm": "2", "radius": 0.1, "center_dim": 4}
+    values = {r["method"]: r["value"] for r in out["results"]}
+    assert set(values) == {"local-naive", "local-sdp"} and all(r["certified"] for r in out["results"])
+    assert values["local-naive"] == pytest.approx(local_bound(lipcert.load(str(model)), x[1], 0.1).value)
+    res = _cli("bound", model, "--box", tmp_path / "lo.npz", tmp_path / "hi.npz", "--norm", "inf")
+    assert res.exit_code == 0 and "local-naive" in res.output and "box" in res.output
+    # the box [x - 0.1, x + 0.1] is the linf ball of radius 0.1
+    box = float(res.output.split("local-naive")[1].split()[2])
+    assert box == pytest.approx(local_bound(lipcert.load(str(model)), x[0], 0.1, norm="inf").value, rel=1e-5)
+
+
+def test_cli_local_bound_errors(tmp_path):
+    model = _tiny_model(tmp_path)
+    np.savez(tmp_path / "c.npz", x=np.zeros((1, 4)))
+    for args, text in [((["--center", tmp_path / "c.npz"]), "both --center and --radius"),
+                       ((["--center", tmp_path / "c.npz", "--radius", 1, "--method", "gram"]), "no local version"),
+                       ((["--center", tmp_path / "c.npz", "--radius", 1, "--index", 3]), "out of range"),
+                       ((["--center", tmp_path / "c.npz", "--radius", 1, "--norm", "inf", "--method", "sdp"]), "l2 norm only")]:
+        res = _cli("bound", model, *args)
+        assert res.exit_code == 1 and text in res.output and "What to do" in res.output, res.output
+
+
+def test_cli_certify_local(tmp_path):
+    import json
+
+    model = _tiny_model(tmp_path)
+    x = np.random.default_rng(3).normal(size=(5, 4))
+    graph = lipcert.load(str(model))
+    y = graph.forward(torch.from_numpy(x.reshape(-1, 1, 4))).reshape(5, -1).argmax(1).numpy()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    res = _cli("certify", model, "--data", tmp_path / "d.npz", "--local", "--norm", "inf", "--method", "naive", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    radii = np.array([p["radius"] for p in out["points"]])
+    assert out["local"] and len(out["how"]) == 5 and (radii >= np.array(out["pairwise_radii"])).all()
+    assert any(h.startswith("local") for h in out["how"])
+    text = _cli("certify", model, "--data", tmp_path / "d.npz", "--local").output
+    assert "without local constants" in text
