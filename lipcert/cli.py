@@ -350,9 +350,10 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The HTML file to write, e.g. reports/model.html.")
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
+@click.option("--local", "local", is_flag=True, help="With --data: also local certified radii and a PGD attack, drawn against the global ones.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @friendly_errors
-def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, quiet: bool) -> None:
+def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, local: bool, quiet: bool) -> None:
     """Write a self-contained HTML report on MODEL: the interval [lower, upper], every method,
     per-layer norms, the witness and, with --data, certified accuracy.
 
@@ -371,7 +372,12 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
     if data is not None:
         x, y = load_dataset(data)
         progress.note("certifying the data ...")
-        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results)  # reuse the bounds just computed
-    command = "lipcert report " + " ".join([model] + (["--data", data] if data else []) + ["-o", output] + (["--norm", norm] if norm != "2" else []) + (["--seed", str(seed)] if seed else []))
+        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results, local=local)  # reuse the bounds just computed
+        if local:
+            from .attack import attack
+
+            progress.note("attacking the data (PGD) ...")
+            cert["attack_radii"] = attack(graph, x, y, norm=norm, seed=seed).radii.tolist()
+    command = "lipcert report " + " ".join([model] + (["--data", data] if data else []) + ["-o", output] + (["--norm", norm] if norm != "2" else []) + (["--seed", str(seed)] if seed else []) + (["--local"] if local else []))
     path = render(graph, results, output, command, skipped, cert, data_name=data or "", seed=seed)
     click.echo(f"wrote {path}")

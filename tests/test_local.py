@@ -301,3 +301,16 @@ def test_cli_certify_local(tmp_path):
     assert any(h.startswith("local") for h in out["how"])
     text = _cli("certify", model, "--data", tmp_path / "d.npz", "--local").output
     assert "without local constants" in text
+
+
+def test_report_local_draws_global_local_and_attack_curves(tmp_path):
+    from conftest import MODELS
+
+    out = tmp_path / "r.html"
+    data = np.load(MODELS / "spiral_test.npz")
+    np.savez(tmp_path / "d.npz", x=data["x"][:8], y=data["y"][:8])
+    res = _cli("report", MODELS / "mlp_spiral.onnx", "--data", tmp_path / "d.npz", "-o", out, "--local", "-q")
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    assert "Local constants and an attack" in html and "--local" in html
+    assert html.count("<svg") >= 5
