@@ -303,6 +303,7 @@ def test_cli_certify_local(tmp_path):
     assert "without local constants" in text
 
 
+@pytest.mark.slow
 def test_report_local_draws_global_local_and_attack_curves(tmp_path):
     from conftest import MODELS
 
