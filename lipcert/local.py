@@ -343,13 +343,18 @@ def _layer_norm(M: np.ndarray, norm: str) -> float:
     if M.size == 0:
         return 0.0
     if norm == "2":
+        if min(M.shape) > 32:  # Gram iteration: a proven bound, several times cheaper than an SVD here
+            from .estimators.gram import gram_bound
+
+            return gram_bound(M, 8)
         return float(np.linalg.norm(M, 2))
     return float(np.linalg.norm(M, np.inf if norm == "inf" else 1))
 
 
-def masked_product(chain: Chain, bounds: Bounds, norm: str, last: np.ndarray | None = None) -> float:
-    """The naive bound with stable neurons fixed: prod_k ||diag(m_k) W_k restricted||, where a
-    neuron whose slope is exactly 0 drops out of both adjacent layers."""
+def masked_prefix(chain: Chain, bounds: Bounds, norm: str) -> tuple[float, np.ndarray]:
+    """The naive bound with stable neurons fixed, up to the last hidden layer:
+    prod_k ||diag(m_k) W_k restricted|| (a neuron whose slope is exactly 0 drops out of both
+    adjacent layers), and the mask of the last hidden layer's neurons that remain."""
     value = 1.0
     keep_prev = np.ones(chain.weights[0].shape[1], bool)
     for k in range(chain.depth - 1):
@@ -358,8 +363,15 @@ def masked_product(chain: Chain, bounds: Bounds, norm: str, last: np.ndarray | N
         M = m[keep, None] * chain.weights[k][np.ix_(keep, keep_prev)]
         value *= _layer_norm(M, norm) * (1 + SAFETY)
         keep_prev = keep
+    return value, keep_prev
+
+
+def masked_product(chain: Chain, bounds: Bounds, norm: str, last: np.ndarray | None = None,
+                   prefix: tuple[float, np.ndarray] | None = None) -> float:
+    """``masked_prefix`` times the norm of the last layer (or of ``last``) on the remaining neurons."""
+    value, keep = prefix or masked_prefix(chain, bounds, norm)
     W = chain.weights[-1] if last is None else np.atleast_2d(last)
-    return value * _layer_norm(W[:, keep_prev], norm) * (1 + SAFETY)
+    return value * _layer_norm(W[:, keep], norm) * (1 + SAFETY)
 
 
 def margin_rows(k: int, y: int) -> tuple[list[int], np.ndarray]:
@@ -370,16 +382,22 @@ def margin_rows(k: int, y: int) -> tuple[list[int], np.ndarray]:
     return others, rows
 
 
-def margin_constants(chain: Chain, bounds: Bounds, norm: str, rows: np.ndarray, sdp: bool = False) -> tuple[np.ndarray, list[str]]:
+def margin_constants(chain: Chain, bounds: Bounds, norm: str, rows: np.ndarray, sdp: bool = False,
+                     masked: bool = False) -> tuple[np.ndarray, list[str]]:
     """Proven local constants of each scalar function rows[i] @ f over the region of ``bounds``
-    (input norm ``norm``; for a scalar function the constant is the dual norm of its gradient)."""
+    (input norm ``norm``; for a scalar function the constant is the dual norm of its gradient).
+    The smallest of: the interval Jacobian, the masked product (always for linf and l1; for l2
+    with ``masked``), and with ``sdp`` (l2) LipSDP with the local slopes."""
     lo, hi = jacobian_intervals(chain, bounds, rows)
     big = np.maximum(np.abs(lo), np.abs(hi))
     interval = np.linalg.norm(big, DUAL[norm], axis=1) * (1 + SAFETY)
     values, how = [], []
+    # the same for every row; for l2 it needs spectral norms, and the interval Jacobian is the
+    # tighter one on every network measured (benchmarks/RESULTS.md), so it is left out there
+    prefix = masked_prefix(chain, bounds, norm) if norm != "2" or masked else None
     for i, row in enumerate(rows):
         best, label = float(interval[i]), "interval Jacobian"
-        masked = masked_product(chain, bounds, norm, last=row @ chain.weights[-1])
+        masked = masked_product(chain, bounds, norm, last=row @ chain.weights[-1], prefix=prefix) if prefix else math.inf
         if masked < best:
             best, label = masked, "masked product"
         values.append(best)
@@ -490,14 +508,11 @@ class LocalRadius:
 
 
 def point_gradients(graph: Graph, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Gradients of rows @ f at x (m x n_in), by autograd in float64."""
-    xt = torch.from_numpy(x.reshape(1, *graph.input_shape)).requires_grad_(True)
-    out = graph.forward(xt).reshape(-1)
-    grads = []
-    for row in rows:
-        (g,) = torch.autograd.grad(out @ torch.from_numpy(row), xt, retain_graph=True)
-        grads.append(g.reshape(-1).numpy())
-    return np.array(grads)
+    """Gradients of rows @ f at x (m x n_in), by one backward pass over a batch of copies of x."""
+    xt = torch.from_numpy(np.repeat(x.reshape(1, *graph.input_shape), len(rows), axis=0)).requires_grad_(True)
+    out = graph.forward(xt).reshape(len(rows), -1)
+    (g,) = torch.autograd.grad((out * torch.from_numpy(rows)).sum(), xt)
+    return g.reshape(len(rows), -1).numpy()
 
 
 def local_radius(graph: Graph, chain: Chain, x: np.ndarray, y: int, margins: np.ndarray, norm: str, start: float,

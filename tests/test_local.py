@@ -14,7 +14,8 @@ import lipcert
 from lipcert.attack import attack
 from lipcert.certify import certified_radius
 from lipcert.errors import InputError
-from lipcert.local import Region, chain_of, local_bound, margin_constants, margin_rows, preactivation_bounds, whole_constant
+from lipcert.local import (Region, chain_of, jacobian_intervals, local_bound, margin_constants, margin_rows, masked_product,
+                           preactivation_bounds, whole_constant)
 from conftest import SHARED_MODELS
 from zoo import one_hidden_relu
 
@@ -121,7 +122,11 @@ def test_local_constant_is_never_below_a_sampled_jacobian_or_difference_quotient
     b = preactivation_bounds(chain, region)
     K, _ = whole_constant(chain, b, norm)
     pts = sample_region(region, 200, rng)
-    assert max(op_norm(J, norm) for J in jacobians(graph, pts[:60])) <= K
+    sampled = max(op_norm(J, norm) for J in jacobians(graph, pts[:60]))
+    assert sampled <= K
+    assert sampled <= masked_product(chain, b, norm)  # each candidate on its own, not only the smaller
+    lo, hi = jacobian_intervals(chain, b, np.eye(3))
+    assert sampled <= op_norm(np.maximum(np.abs(lo), np.abs(hi)), norm)
     f = graph.forward(torch.from_numpy(pts.reshape(-1, 1, 4))).reshape(len(pts), -1).numpy()
     out_norm = {"2": 2, "inf": np.inf, "1": 1}[norm]
     dist = np.linalg.norm(pts[::2] - pts[1::2], out_norm, axis=1)
@@ -129,9 +134,10 @@ def test_local_constant_is_never_below_a_sampled_jacobian_or_difference_quotient
     assert diff.max() <= K
     # per margin: the dual norm of every sampled margin gradient
     _, rows = margin_rows(3, 0)
-    Km, _ = margin_constants(chain, b, norm, rows)
     grads = np.einsum("mk,nki->nmi", rows, jacobians(graph, pts[:30]))
-    assert (np.linalg.norm(grads, DUAL[norm], axis=2) <= Km).all()
+    for masked in (False, True):
+        Km, _ = margin_constants(chain, b, norm, rows, masked=masked)
+        assert (np.linalg.norm(grads, DUAL[norm], axis=2) <= Km).all()
     # and never above the global naive bound (the masked product is at most the full product)
     assert K <= lipcert.bound(graph, "naive", norm=norm).value * (1 + 1e-9)
 
@@ -214,7 +220,7 @@ def test_attack_witnesses_are_real_flips():
     graph = lipcert.load(mlp(1, (4, 16, 3)), (1, 4))
     x = np.random.default_rng(2).normal(size=(8, 4))
     labels = graph.forward(torch.from_numpy(x.reshape(-1, 1, 4))).reshape(8, -1).argmax(1).numpy()
-    res = attack(graph, x, labels, norm=2)
+    res = attack(graph, x, labels, norm=2, steps=20, search=6)
     ok = np.isfinite(res.radii)
     assert ok.any()
     adv = res.adversarial[ok].reshape(-1, 1, 4)
