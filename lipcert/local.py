@@ -78,6 +78,9 @@ class Chain:
     biases: list[np.ndarray]
     acts: list[Activation]
 
+    def __post_init__(self) -> None:
+        self.abs_weights = [np.abs(w) for w in self.weights]  # used by every interval product
+
     @property
     def depth(self) -> int:
         return len(self.weights)
@@ -243,7 +246,7 @@ class Bounds:
         return [int(np.sum(a != b)) for a, b in zip(self.alphas, self.betas)]
 
 
-def _ibp_next(W: np.ndarray, b: np.ndarray, act: Activation, l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ibp_next(W: np.ndarray, absW: np.ndarray, b: np.ndarray, act: Activation, l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Interval bounds on W act(z) + b for z in [l, u] (monotone activations: the range is
     [act(l), act(u)]; others through their slope interval)."""
     monotone = act.kind in ("sigmoid", "tanh", "softplus") or (act.kind in _PIECEWISE and _neg_slope(act) >= 0)
@@ -259,14 +262,19 @@ def _ibp_next(W: np.ndarray, b: np.ndarray, act: Activation, l: np.ndarray, u: n
         hi = fl + max(0.0, a, bb) * (u - l)
     mid, rad = (lo + hi) / 2, (hi - lo) / 2
     c = W @ mid + b
-    r = np.abs(W) @ rad
-    slack = ROUND * (np.abs(W) @ np.abs(mid) + np.abs(b) + r)
+    r = absW @ rad
+    slack = ROUND * (absW @ np.abs(mid) + np.abs(b) + r)
     return c - r - slack, c + r + slack
 
 
-def _crown(chain: Chain, region: Region, k: int, rows: np.ndarray, lower: list[np.ndarray], upper: list[np.ndarray],
-           relax: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, np.ndarray]:
-    """CROWN bounds on z_k[rows] (k >= 1, 0-based layer index of the affine map producing it)."""
+def _crown(chain: Chain, region: Region, k: int, rows: np.ndarray, relax: list[tuple[np.ndarray, ...]],
+           terms: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """CROWN bounds on z_k[rows] (k >= 1: the output of the affine map chain.weights[k]).
+
+    Rounding: the products A @ W_j err by at most n eps |A| |W_j| entrywise, and such an error
+    moves the final bound by at most n eps |A| |W_j| |a_{j-1}| <= n eps |A| terms[j], with
+    terms[j] = |W_j| max|a_{j-1}| + |b_j| over the region; ``mag`` sums these and every offset's
+    absolute terms, and the bound is widened by ROUND times that sum."""
     out = []
     for sign in (1.0, -1.0):  # lower bound of sign * z
         A = sign * chain.weights[k][rows]
@@ -277,9 +285,8 @@ def _crown(chain: Chain, region: Region, k: int, rows: np.ndarray, lower: list[n
             pos, neg = np.maximum(A, 0.0), np.minimum(A, 0.0)
             A = pos * sl + neg * su
             off = off + pos @ cl + neg @ cu
-            mag = mag + np.abs(pos) @ np.abs(cl) + np.abs(neg) @ np.abs(cu)
+            mag = mag + np.abs(pos) @ np.abs(cl) + np.abs(neg) @ np.abs(cu) + np.abs(A) @ terms[j]
             off = off + A @ chain.biases[j]
-            mag = mag + np.abs(A) @ np.abs(chain.biases[j])
             A = A @ chain.weights[j]
         lo, _ = region.affine_range(A, off)
         lo = lo - ROUND * mag * (k + 1)
@@ -294,6 +301,11 @@ def preactivation_bounds(chain: Chain, region: Region, method: str = "crown") ->
         raise InputError(f"the region has dimension {region.center.size}, the network's input {chain.weights[0].shape[1]}", None,
                          "give a centre with one value per network input")
     lower, upper, alphas, betas, relax = [], [], [], [], []
+    if region.kind == "ball":
+        size = np.abs(region.center) + region.radius  # |x_i - c_i| <= ||x - c||_p <= r
+    else:
+        size = np.maximum(np.abs(region.lo), np.abs(region.hi))
+    terms = [chain.abs_weights[0] @ size + np.abs(chain.biases[0])]  # magnitudes of the summands, for rounding
     l, u = region.affine_range(chain.weights[0], chain.biases[0])
     for k in range(1, chain.depth):
         act = chain.acts[k - 1]
@@ -305,13 +317,16 @@ def preactivation_bounds(chain: Chain, region: Region, method: str = "crown") ->
         if k == chain.depth - 1:
             break
         relax.append(relaxation(act, l, u))
-        l, u = _ibp_next(chain.weights[k], chain.biases[k], act, l, u)
+        smax = max(abs(v) for v in act.slope_interval)
+        size = np.abs(_f(act, l)) + smax * (u - l)  # |act(z)| <= |act(l)| + max slope (z - l)
+        terms.append(chain.abs_weights[k] @ size + np.abs(chain.biases[k]))
+        l, u = _ibp_next(chain.weights[k], chain.abs_weights[k], chain.biases[k], act, l, u)
         if method == "crown":
             # only neurons the intervals leave unstable (or, for smooth activations, all) need CROWN
             nxt = chain.acts[k]
             rows = np.flatnonzero((l <= 0) & (u >= 0)) if nxt.kind in _PIECEWISE else np.arange(l.size)
             if rows.size:
-                cl, cu = _crown(chain, region, k, rows, lower, upper, relax)
+                cl, cu = _crown(chain, region, k, rows, relax, terms)
                 l[rows], u[rows] = np.maximum(l[rows], cl), np.minimum(u[rows], cu)
     return Bounds(lower, upper, alphas, betas)
 
@@ -324,15 +339,14 @@ def preactivation_bounds(chain: Chain, region: Region, method: str = "crown") ->
 def jacobian_intervals(chain: Chain, bounds: Bounds, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Entrywise [lo, hi] bounds on rows @ J for every Jacobian J the region allows (rows: m x n_out)."""
     mid = np.asarray(rows, np.float64) @ chain.weights[-1]
-    rad = ROUND * (np.abs(rows) @ np.abs(chain.weights[-1]))
+    rad = ROUND * (np.abs(rows) @ chain.abs_weights[-1])
     for j in range(chain.depth - 2, -1, -1):
         a, b = bounds.alphas[j], bounds.betas[j]
         lo, hi = mid - rad, mid + rad
         cands = np.stack([lo * a, lo * b, hi * a, hi * b])
         lo, hi = cands.min(0), cands.max(0)
         mid, rad = (lo + hi) / 2, (hi - lo) / 2
-        W = chain.weights[j]
-        absW = np.abs(W)
+        W, absW = chain.weights[j], chain.abs_weights[j]
         new_rad = rad @ absW
         new_rad += ROUND * ((np.abs(mid) + rad) @ absW)
         mid, rad = mid @ W, new_rad * (1 + ROUND)
