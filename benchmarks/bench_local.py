@@ -66,11 +66,11 @@ def run(name: str, norm: str, global_method: str) -> dict:
     return row
 
 
-def render(rows: list[dict], command: str, load: str) -> str:
+def render(rows: list[dict], command: str, load: str, date: str) -> str:
     lines = [
         SECTION, "",
         f"`{command}` on {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores shared with other jobs), "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before the run {load}.",
+        f"{date}, load average before the run {load}.",
         "The 15 MNIST images of `../shared/data/mnistfc15.npz` (centres of the VNN-COMP 2021 mnistfc properties). Certified radius",
         "median over the 15 points: *global* = today's certificate with the pairwise constants named in the table (issue 13 quotes",
         "0.0031 for l2 with LipSDP pairwise on 256x2, and 8.5e-6 for linf);",
@@ -97,16 +97,26 @@ def main() -> None:
     ap.add_argument("--global-method", default="naive", choices=["naive", "sdp"],
                     help="pairwise constants for the global radii (sdp: LipSDP for l2, 45 solves per network: slow)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--render", default=None, metavar="JSON", help="write the section from a saved run (benchmarks/local_results.json)")
+    ap.add_argument("--load", default=None, help="with --render: the load average measured before that run")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        if isinstance(saved, list):  # a run saved before the provenance fields were added
+            saved = {"rows": saved, "command": "python benchmarks/bench_local.py", "load": "n/a",
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(Path(args.render).stat().st_mtime))}
+        publish(SECTION, render(saved["rows"], saved["command"], args.load or saved["load"], saved["date"]), write=not args.no_write)
+        return
     import torch
 
     torch.set_num_threads(2)
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     names = [m for m in MODELS if not args.models or any(f in m for f in args.models.split(","))]
     rows = [run(m, n, args.global_method) for m in names for n in args.norms.split(",")]
-    (ROOT / "benchmarks" / "local_results.json").write_text(json.dumps(rows, indent=1))
     command = "python benchmarks/bench_local.py" + " ".join([""] + [a for a in sys.argv[1:] if a != "--no-write"])
-    publish(SECTION, render(rows, command, load), write=not args.no_write)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    (ROOT / "benchmarks" / "local_results.json").write_text(json.dumps({"rows": rows, "command": command, "load": load, "date": date}, indent=1))
+    publish(SECTION, render(rows, command, load, date), write=not args.no_write)
 
 
 if __name__ == "__main__":
