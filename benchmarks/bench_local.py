@@ -32,6 +32,7 @@ from results_md import publish  # noqa: E402
 SHARED = ROOT.parent / "shared"
 SECTION = "## Local certificates"
 MODELS = ("mnist-net_256x2", "mnist-net_256x4", "mnist-net_256x6")
+JSON_PATH = Path("/tmp/lipcert_bench_local.json")  # the raw per-point results of the last run (for --render)
 
 
 def run(name: str, norm: str, global_method: str) -> dict:
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--global-method", default="naive", choices=["naive", "sdp"],
                     help="pairwise constants for the global radii (sdp: LipSDP for l2, 45 solves per network: slow)")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--render", default=None, metavar="JSON", help="write the section from a saved run (benchmarks/local_results.json)")
+    ap.add_argument("--render", default=None, metavar="JSON", help=f"write the section from a saved run ({JSON_PATH})")
     ap.add_argument("--load", default=None, help="with --render: the load average measured before that run")
     args = ap.parse_args()
     if args.render:
@@ -115,7 +116,7 @@ def main() -> None:
     rows = [run(m, n, args.global_method) for m in names for n in args.norms.split(",")]
     command = "python benchmarks/bench_local.py" + " ".join([""] + [a for a in sys.argv[1:] if a != "--no-write"])
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (ROOT / "benchmarks" / "local_results.json").write_text(json.dumps({"rows": rows, "command": command, "load": load, "date": date}, indent=1))
+    JSON_PATH.write_text(json.dumps({"rows": rows, "command": command, "load": load, "date": date}, indent=1))
     publish(SECTION, render(rows, command, load, date), write=not args.no_write)
 
 
