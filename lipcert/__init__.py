@@ -12,6 +12,8 @@ from .certify import Certificates, certified_radius, certify
 from .estimators.lower import lower_bound
 from .errors import InputError, LipcertError, ModelError, SolverError, UnsupportedModelError
 from .graph import Graph
+from .local import local_bound
+from .attack import attack
 from .load import load, supported_ops
 from .result import Result
 
@@ -19,6 +21,6 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "load", "bound", "lower_bound", "certified_radius", "certify", "Certificates", "methods", "supported_ops", "Graph", "Result",
+    "load", "bound", "lower_bound", "local_bound", "attack", "certified_radius", "certify", "Certificates", "methods", "supported_ops", "Graph", "Result",
     "LipcertError", "ModelError", "UnsupportedModelError", "InputError", "SolverError", "__version__",
 ]

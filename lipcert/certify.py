@@ -270,6 +270,8 @@ class Certificates:
     labels: np.ndarray
     constants: PairwiseConstants
     global_radii: np.ndarray  # the same radii from the global fallback constant only
+    how: list[str] | None = None  # with local=True: which constant certified each point
+    pairwise_radii: np.ndarray | None = None  # with local=True: the radii before the local search
 
     @property
     def correct(self) -> np.ndarray:
@@ -288,7 +290,7 @@ class Certificates:
 def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, method: str = "sdp",
                      input_shape: tuple[int, ...] | None = None, constants: PairwiseConstants | None = None,
                      proven: list[Result] | None = None, pairs: str = "binding", budget: Budget | float | None = None,
-                     settings: Settings | None = None) -> Certificates:
+                     settings: Settings | None = None, local: bool = False) -> Certificates:
     """Certified radii for a batch of inputs ``x`` (shape (N, *input_shape)).
 
     ``label``: the true classes (None: certify the predicted class). Misclassified points get
@@ -300,6 +302,9 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     decide a radius of these points (the same radii as "all", which tightens every pair: see
     ``pairwise_constants``). ``budget``: seconds (None or 0: no limit) or a Budget; what it cut
     is in ``budget.cut``. ``settings``: solver settings for LipSDP (solver, variant, options).
+    ``local``: also search, per point, the largest radius r that local constants over the ball
+    B(x, r) certify (lipcert.local; dense chains only), and keep the larger radius;
+    ``Certificates.how`` then says which constant certified each point.
     """
     from .load import load
 
@@ -326,7 +331,14 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
         margins = np.array([row[y] - row[j] for j in others])
         radii[i] = float(np.min(margins / consts.matrix[y, others]))
         global_radii[i] = float(np.min(margins) / gfactor)
-    return Certificates(radii, predicted, labels, consts, global_radii)
+    how, before = None, None
+    if local:  # local constants over the ball itself (lipcert/local.py)
+        from .local import local_radii
+
+        before = radii.copy()
+        with progress.bar("local radii", len(xs)) as bar:
+            radii, how = local_radii(graph, xs.numpy(), labels, logits, norm, radii, on_point=lambda i: bar.update(i + 1))
+    return Certificates(radii, predicted, labels, consts, global_radii, how, before)
 
 
 def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -338,14 +350,16 @@ def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: Any = 2, method: str = "sdp",
             input_shape: tuple[int, ...] | None = None, proven: list[Result] | None = None,
-            budget: Budget | float | None = None, settings: Settings | None = None, pairs: str = "binding") -> dict[str, Any]:
+            budget: Budget | float | None = None, settings: Settings | None = None, pairs: str = "binding",
+            local: bool = False) -> dict[str, Any]:
     """Certified radii and certified accuracy of a data set, as a JSON-ready dict. ``proven``:
     results already computed for this model and norm (see ``pairwise_constants``); ``budget``,
-    ``settings``, ``pairs``: see ``certified_radius``."""
+    ``settings``, ``pairs``, ``local``: see ``certified_radius``."""
     from .load import load
 
     graph = load(model, input_shape)  # a Graph comes back as is
-    certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven, budget=budget, settings=settings, pairs=pairs)
+    certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven, budget=budget, settings=settings,
+                             pairs=pairs, local=local)
     eps = sorted(eps) if eps else []
     top = float(certs.radii.max()) if len(certs.radii) else 0.0
     grid = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, 41)
@@ -358,4 +372,5 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
         "curve": {"radius": grid.tolist(), "certified_accuracy": [certs.certified_accuracy(r) for r in grid]},
         "global_curve": [certs.certified_accuracy(r, global_only=True) for r in grid],
         "lipschitz": certs.constants.to_dict(),
+        **({"local": True, "how": certs.how, "pairwise_radii": certs.pairwise_radii.tolist()} if certs.how is not None else {}),
     }

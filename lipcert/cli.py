@@ -148,9 +148,14 @@ def _method_names() -> list[str]:
               help="Stop lipcert-fast after this long per LipSDP section; its multipliers so far are still verified, so the bound stays proven (only looser). Default: none.")
 @click.option("--layers", is_flag=True, help="Also print the per-layer norms and their running product.")
 @budget_option(None, " Default: 120 with --method all, no limit for one method.")
+@click.option("--center", type=click.Path(dir_okay=False), default=None, help="Local bound: an .npz file whose array x holds the centre of the region (row --index).")
+@click.option("--radius", type=click.FloatRange(min=0), default=None, help="Local bound: the radius of the --norm ball around --center.")
+@click.option("--box", type=(click.Path(dir_okay=False), click.Path(dir_okay=False)), default=None, metavar="LO.npz HI.npz", help="Local bound over the box [lo, hi] (arrays x in two .npz files).")
+@click.option("--index", type=click.IntRange(min=0), default=0, show_default=True, help="Which row of the --center / --box arrays.")
 @output_options
 @friendly_errors
-def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, time_limit: float | None, layers: bool, budget: float | None, as_json: bool, quiet: bool) -> None:
+def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, time_limit: float | None, layers: bool,
+          budget: float | None, center: str | None, radius: float | None, box: tuple[str, str] | None, index: int, as_json: bool, quiet: bool) -> None:
     """Bound the Lipschitz constant of MODEL (an .onnx file).
 
     A value marked 'proven' is a mathematical upper bound on the Lipschitz constant
@@ -162,6 +167,7 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
       lipcert bound models/cnn_bars.onnx --norm inf --layers
       lipcert bound model.onnx --method all --json
       lipcert bound model.onnx --method sdp --time-limit 60
+      lipcert bound model.onnx --center x.npz --radius 0.05     over a ball only
     """
     from .budget import DEFAULT_BUDGET_S, Budget, settings_with_deadline
     from .estimators import estimate, estimate_all
@@ -169,6 +175,9 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     progress.set_quiet(quiet or as_json)
     allowance = Budget(budget if budget is not None else (DEFAULT_BUDGET_S if method == "all" else None))
     graph = _load(model, input_shape)
+    if center is not None or radius is not None or box is not None:  # local constants (lipcert/local.py)
+        _local_bound(model, graph, method, norm, center, radius, box, index, as_json)
+        return
     settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant,
                         extra={"fast_time_limit": time_limit} if time_limit else {})
     if method == "all":
@@ -192,6 +201,42 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     if method != "all" and results[0].value is None:
         click.echo(f"Error: {method} gave no bound: {results[0].status}. What to do: try another --solver or --method naive.", err=True)
         sys.exit(1)
+
+
+def _row(path: str, index: int, graph: Any) -> np.ndarray:
+    from .data import input_batch, load_npz
+    from .errors import InputError
+
+    x, _ = load_npz(path, labels=False)
+    rows = input_batch(graph, x)
+    if index >= len(rows):
+        raise InputError(f"--index {index} is out of range: {path} holds {len(rows)} input(s)", path, f"give --index between 0 and {len(rows) - 1}")
+    return rows[index]
+
+
+def _local_bound(model: str, graph: Any, method: str, norm: str, center: str | None, radius: float | None, box: tuple[str, str] | None,
+                 index: int, as_json: bool) -> None:
+    from .errors import InputError
+    from .local import LOCAL_METHODS, local_bound
+
+    if box is not None and (center is not None or radius is not None):
+        raise InputError("give either --center with --radius, or --box, not both", None, "choose one region")
+    if box is None and (center is None or radius is None):
+        raise InputError("a local bound needs both --center and --radius", None, "e.g. --center x.npz --radius 0.05")
+    names = [m for m in LOCAL_METHODS if m != "sdp" or norm == "2"] if method == "all" else [method]
+    if names[0] not in LOCAL_METHODS:
+        raise InputError(f"--method {method} has no local version", None, f"choose one of: {', '.join(LOCAL_METHODS)}, all")
+    kw = {"box": (_row(box[0], index, graph), _row(box[1], index, graph))} if box else {"center": _row(center, index, graph), "radius": radius}
+    progress.note(f"local bound over the {'box' if box else f'l{norm} ball of radius {radius:g}'} ...")
+    results = [local_bound(graph, norm=norm, method=m, **kw) for m in names]
+    region = results[0].details["region"]
+    if as_json:
+        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "region": region, "results": [r.to_dict() for r in results]}))
+        return
+    click.echo(format_results(results))
+    where = f"box ({box[0]}, {box[1]})" if box else f"l{norm} ball of radius {radius:g} around {center}"
+    for r in results:
+        click.echo(f"region: {where}[{index}]; {r.method}: {r.details['how']}; unstable neurons per layer: {r.details['unstable_neurons']} of {r.details['neurons']}")
 
 
 @main.command()
@@ -291,9 +336,10 @@ def _eps_list(ctx: click.Context, param: click.Parameter, value: tuple[float, ..
 @click.option("--pairs", type=click.Choice(["binding", "all"]), default="binding", show_default=True,
               help="With --method sdp: tighten by LipSDP only the class pairs that decide some point's radius (the same radii), or every pair.")
 @budget_option(120.0)
+@click.option("--local", "local", is_flag=True, help="Also certify each point with local constants over the ball B(x, r) itself (dense chains; larger radii).")
 @output_options
 @friendly_errors
-def certify(model: str, input_shape, data: str, eps: list[float], norm: str, method: str, pairs: str, budget: float, as_json: bool, quiet: bool) -> None:
+def certify(model: str, input_shape, data: str, eps: list[float], norm: str, method: str, pairs: str, budget: float, local: bool, as_json: bool, quiet: bool) -> None:
     """Certified radii and certified accuracy of MODEL on a data set.
 
     A point is certified at radius eps when it is classified correctly and no perturbation of
@@ -304,6 +350,7 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
     Examples:
       lipcert certify models/mlp_spiral.onnx --data models/spiral_test.npz --eps 0.01 --eps 0.02
       lipcert certify models/cnn_bars.onnx --data models/bars_test.npz --norm inf --method naive --json
+      lipcert certify model.onnx --data test.npz --local
     """
     from .budget import Budget
     from .certify import certify as run_certify, load_dataset
@@ -313,13 +360,15 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
     graph = _load(model, input_shape)
     x, y = load_dataset(data)
     progress.note("computing the pairwise margin constants" + (f" (budget {budget:g} s) ..." if allowance.limited else " ..."))
-    out = run_certify(graph, x, y, eps, norm=norm, method=method, budget=allowance, pairs=pairs)
+    out = run_certify(graph, x, y, eps, norm=norm, method=method, budget=allowance, pairs=pairs, local=local)
     if as_json:
         click.echo(json.dumps({"model": model, "sha256": graph.sha256, "data": data, **out, "budget": _budget_json(allowance)}))
         return
     radii = np.array([p["radius"] for p in out["points"]])
     click.echo(f"{len(radii)} points, clean accuracy {out['clean_accuracy']:.3f}, l{norm} norm")
     click.echo(f"certified radius: median {np.median(radii):.4g}, max {radii.max():.4g}")
+    if local:
+        click.echo(f"without local constants: median {np.median(out['pairwise_radii']):.4g}; local constants certified {sum(h.startswith('local') for h in out['how'])} point(s)")
     rows = [[e, f"{a:.3f}"] for e, a in out["certified_accuracy"].items()]
     if rows:
         click.echo(_table(rows, ["eps", "certified accuracy"]))
@@ -339,9 +388,10 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
 @budget_option(120.0)
+@click.option("--local", "local", is_flag=True, help="With --data: also local certified radii and a PGD attack, drawn against the global ones.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @friendly_errors
-def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, budget: float, quiet: bool) -> None:
+def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, budget: float, local: bool, quiet: bool) -> None:
     """Write a self-contained HTML report on MODEL: the interval [lower, upper], every method,
     per-layer norms, the witness and, with --data, certified accuracy.
 
@@ -366,9 +416,15 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
     if data is not None:
         x, y = load_dataset(data)
         progress.note("certifying the data ...")
-        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results, budget=allowance)  # reuse the bounds just computed
+        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results, budget=allowance, local=local)  # reuse the bounds just computed
+        if local:
+            from .attack import attack
+
+            progress.note("attacking the data (PGD) ...")
+            cert["attack_radii"] = attack(graph, x, y, norm=norm, seed=seed).radii.tolist()
     command = "lipcert report " + " ".join([model] + (["--data", data] if data else []) + ["-o", output] + (["--norm", norm] if norm != "2" else [])
-                                           + (["--seed", str(seed)] if seed else []) + ([f"--budget", f"{budget:g}"] if budget != 120 else []))
+                                           + (["--seed", str(seed)] if seed else []) + (["--budget", f"{budget:g}"] if budget != 120 else [])
+                                           + (["--local"] if local else []))
     path = render(graph, results, output, command, skipped, cert, data_name=data or "", seed=seed, notes=_budget_lines(total))
     click.echo(f"wrote {path}")
     for line in _budget_lines(total):

@@ -78,6 +78,11 @@ def render(graph: Graph, results: list[Result], path: str | Path, command: str =
     if certificates:
         ctx["curve_svg"] = figures.accuracy_curve(certificates["curve"]["radius"], certificates["curve"]["certified_accuracy"], certificates.get("global_curve"))
         ctx["hist_svg"] = figures.radius_histogram([p["radius"] for p in certificates["points"] if p["certified"]] or [0.0])
+        if certificates.get("local"):  # local constants and an attack (lipcert report --local)
+            curves = {"global (pairwise) constants": certificates["pairwise_radii"], "local constants": [p["radius"] for p in certificates["points"]]}
+            if certificates.get("attack_radii") is not None:
+                curves["attack (PGD): not broken"] = certificates["attack_radii"]
+            ctx["local_svg"] = figures.radius_curves(curves, {"attack (PGD): not broken": (figures.ORANGE, "--")})
         hows = sorted(set(certificates["lipschitz"]["how"].values()))
         ctx["cert_how"] = ", ".join(hows) + f"; global bound {certificates['lipschitz']['global_bound']:.6g} ({certificates['lipschitz']['global_method']})"
     out = Path(path)

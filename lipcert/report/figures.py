@@ -73,6 +73,27 @@ def accuracy_curve(radius: list[float], acc: list[float], global_acc: list[float
     return _svg(fig)
 
 
+def radius_curves(curves: dict[str, list[float]], styles: dict[str, tuple[str, str]] | None = None) -> str:
+    """Accuracy against radius (log axis) for several per-point radius lists: the fraction of
+    points whose radius exceeds r (0 marks a misclassified point, inf one never flipped)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.8, 3.0))
+    finite = [r for rs in curves.values() for r in rs if 0 < r < float("inf")]
+    lo, hi = (min(finite) / 3, max(finite) * 3) if finite else (1e-3, 1.0)
+    grid = np.geomspace(lo, hi, 200)
+    for (label, radii), color in zip(curves.items(), [GREY, BLUE, ORANGE, GREEN]):
+        c, ls = (styles or {}).get(label, (color, "-"))
+        arr = np.asarray(radii, dtype=np.float64)
+        ax.step(grid, [float(np.mean(arr > g)) for g in grid], where="post", color=c, ls=ls, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("radius (log scale)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(frameon=False, fontsize=8)
+    return _svg(fig)
+
+
 def radius_histogram(radii: list[float]) -> str:
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
     ax.hist(radii, bins=30, color=BLUE)
