@@ -179,3 +179,27 @@ def test_real_network_acas_is_between_lipsdp_and_naive():
     graph = lipcert.load("../shared/models/vnncomp2021/ACASXU_run2a_1_1_batch_2000.onnx")
     r = _compose(graph)
     assert 88258.82 * (1 - 1e-6) <= r.value < 0.5 * 2.878694e7
+
+
+def test_a_block_that_cannot_be_proven_falls_back_to_its_branches(monkeypatch):
+    """When the block inequality is not proven, the branch nodes are bounded one by one and summed."""
+    gen = torch.Generator().manual_seed(6)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            return x + self.l2(torch.relu(self.l1(x)))
+
+    net = Block().double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    graph = lipcert.load(net, (1, 5))
+    blocked = _compose(graph).value
+    monkeypatch.setattr(C, "block_dense", lambda *args: None)
+    r = _compose(graph)
+    assert r.details["rules"].get("naive: sum over branches") == 1 and "residual block inequality" not in r.details["rules"]
+    assert _jacobian_lower(graph, 100) <= blocked <= r.value <= r.details["naive_value"]

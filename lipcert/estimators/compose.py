@@ -338,14 +338,19 @@ def block_dense(X: np.ndarray, W1: np.ndarray, m: float, ab: float, S: np.ndarra
         c = _chol(assemble(lam))
         if c is None:
             return None
-        cp = _chol(_sym(_mm(B, _solve_with(c, B.T))))
+        P = _sym(_mm(B, _solve_with(c, B.T)))
+        # (P + tau I)^-1 <= P^-1 keeps the inequality and bounds Y's condition number: output
+        # directions that the block barely reaches (strided convolutions) would otherwise get
+        # huge entries whose rounding errors no proof can absorb
+        P[np.diag_indices(P.shape[0])] += 1e-3 * _lam_max(P)
+        cp = _chol(P)
         if cp is None:
             return None
         return _sym(torch.cholesky_inverse(cp).numpy())
 
     lam_top = 1.0 / (m * m * s)  # N > 0 needs lambda < this (alpha beta = 0)
     best: tuple[float, float, np.ndarray | None] = (-math.inf, 0.0, None)
-    for f in (0.2, 0.35, 0.5, 0.65, 0.8, 0.9):
+    for f in (0.3, 0.5, 0.7):
         Y = push(lam_top * f)
         if Y is not None:
             mu = _lam_min(Y)
@@ -509,30 +514,66 @@ class _Walker:
             return block_dense(X, W1, (a + b) / 2.0, a * b, S, c_s, W2, c_b)
         return None
 
+    def block_interior(self, node: Sum) -> list[str]:
+        """The nodes strictly inside a residual block ending at ``node`` (structure only): the
+        block's inequality needs none of their states, so they are computed only if it fails."""
+        if len(node.inputs) != 2:
+            return []
+        cons = self.consumers
+        for k in (0, 1):
+            names = [node.inputs[k]]
+            for _ in range(2):  # n2 <- act <- n1
+                prev = self.g.node(names[-1]).inputs if names[-1] != Graph.INPUT else []
+                if len(prev) != 1 or prev[0] == Graph.INPUT:
+                    break
+                names.append(prev[0])
+            if len(names) != 3 or not all(len(cons[n]) == 1 for n in names):
+                continue
+            p = self.g.node(names[-1]).inputs[0]
+            other = node.inputs[1 - k]
+            if other == p:
+                return names
+            sn = self.g.node(other) if other != Graph.INPUT else None
+            if isinstance(sn, Affine) and sn.inputs == [p] and cons[other] == [node.name]:
+                return names + [other]
+        return []
+
+    def visit(self, n: Node) -> None:
+        if isinstance(n, Activation):
+            self.activation(n)
+        elif isinstance(n, Affine):
+            self.affine(n)
+        elif isinstance(n, MaxPool):
+            c = n.lipschitz("2")[0] * (1.0 + SAFETY)
+            self.record(n.name, "naive: max-pooling", self.scalar_step(self.states[n.inputs[0]], c))
+        elif isinstance(n, Sum):
+            block = self.residual_block(n)
+            if block is not None:
+                self.record(n.name, "residual block inequality", block)
+                return
+            for name in [m.name for m in self.g.nodes if m.name in self.deferred.get(n.name, ())]:
+                if not self.skipped(self.g.node(name)):
+                    self.visit(self.g.node(name))
+            total = sum(abs(c) * _bound_of(self.states[i]) for c, i in zip(n.coeffs, n.inputs))
+            self.record(n.name, "naive: sum over branches", 1.0 / total**2 if total > 0 else math.inf)
+        elif isinstance(n, Concat):
+            total = math.sqrt(sum(_bound_of(self.states[i]) ** 2 for i in n.inputs)) * (1.0 + SAFETY)
+            self.record(n.name, "naive: concatenation", 1.0 / total**2 if total > 0 else math.inf)
+        else:  # pragma: no cover - every node type is handled above
+            raise TypeError(f"no compositional rule for {type(n).__name__}")
+
+    def skipped(self, n: Node) -> bool:
+        """An affine layer read by its one activation: the activation's step uses its weights."""
+        return (isinstance(n, Affine) and n.name != self.g.output and len(self.consumers[n.name]) == 1
+                and isinstance(self.g.node(self.consumers[n.name][0]), Activation))
+
     def run(self) -> float:
+        self.deferred = {n.name: set(self.block_interior(n)) for n in self.g.nodes if isinstance(n, Sum)}
+        inside = set().union(*self.deferred.values()) if self.deferred else set()
         for n in self.g.nodes:
-            if isinstance(n, Affine) and n.name != self.g.output and len(self.consumers[n.name]) == 1 \
-                    and isinstance(self.g.node(self.consumers[n.name][0]), Activation):
-                continue  # the activation's step reads this layer's weights and input state
-            if isinstance(n, Activation):
-                self.activation(n)
-            elif isinstance(n, Affine):
-                self.affine(n)
-            elif isinstance(n, MaxPool):
-                c = n.lipschitz("2")[0] * (1.0 + SAFETY)
-                self.record(n.name, "naive: max-pooling", self.scalar_step(self.states[n.inputs[0]], c))
-            elif isinstance(n, Sum):
-                block = self.residual_block(n)
-                if block is not None:
-                    self.record(n.name, "residual block inequality", block)
-                else:
-                    total = sum(abs(c) * _bound_of(self.states[i]) for c, i in zip(n.coeffs, n.inputs))
-                    self.record(n.name, "naive: sum over branches", 1.0 / total**2 if total > 0 else math.inf)
-            elif isinstance(n, Concat):
-                total = math.sqrt(sum(_bound_of(self.states[i]) ** 2 for i in n.inputs)) * (1.0 + SAFETY)
-                self.record(n.name, "naive: concatenation", 1.0 / total**2 if total > 0 else math.inf)
-            else:  # pragma: no cover - every node type is handled above
-                raise TypeError(f"no compositional rule for {type(n).__name__}")
+            if n.name in inside or self.skipped(n):
+                continue
+            self.visit(n)
         return _bound_of(self.states[self.g.output])
 
 
