@@ -203,3 +203,17 @@ def test_a_block_that_cannot_be_proven_falls_back_to_its_branches(monkeypatch):
     r = _compose(graph)
     assert r.details["rules"].get("naive: sum over branches") == 1 and "residual block inequality" not in r.details["rules"]
     assert _jacobian_lower(graph, 100) <= blocked <= r.value <= r.details["naive_value"]
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky", "sigmoid"])
+def test_wide_layer_then_narrow_output_is_one_inequality(act, monkeypatch):
+    """A hidden layer wider than DENSE_STATE before a narrow output (as Convnet_avgpool's 23328
+    neurons before 10 outputs): one two-layer inequality in n + r rows; LipSDP <= it < naive."""
+    monkeypatch.setattr(C, "DENSE_STATE", 6)
+    graph = lipcert.load(_mlp([4, 30, 3], act, 7), (1, 4))
+    r = _compose(graph)
+    assert r.details["rules"].get("two-layer inequality (wide layer, narrow output)") == 1
+    sdp = ESTIMATORS["sdp"].run(graph, Settings()).value
+    assert sdp * (1 - 1e-6) <= r.value < r.details["naive_value"]
+    assert r.value >= _jacobian_lower(graph, 100)
+

@@ -373,6 +373,70 @@ def block_dense(X: np.ndarray, W1: np.ndarray, m: float, ab: float, S: np.ndarra
     return None
 
 
+def wide_layer_to_scalar(X: np.ndarray, W: np.ndarray, m: float, ab: float, Wl: np.ndarray) -> float | None:
+    """State X (n) -> a wide activation layer v = phi(W u) (h neurons, no state kept there) -> a
+    narrow linear map Wl (r outputs): a scalar y with y ||Wl dv||^2 <= du^T X du, from the
+    two-layer inequality [[X + ab lam W^T W, -m lam W^T], [-m lam W, lam I - y Wl^T Wl]] >= 0.
+
+    With U = Wl^T, the h x h block is inverted by Woodbury, and the inequality is equivalent
+    (Schur complements; M = (lam / y) I - Wl Wl^T > 0) to the (n + r)-row matrix
+        Q = [[X - (m^2 - ab) lam W^T W, m sqrt(lam) W^T Wl^T], [m sqrt(lam) Wl W, M]] >= 0,
+    which is what is proven, with M - tau I >= 0 proven separately: nothing of size h is formed
+    beyond the products W^T W, W^T Wl^T and Wl Wl^T."""
+    n, r = X.shape[0], Wl.shape[0]
+    G = _sym(_mm(W.T, W))
+    H = _mm(W.T, Wl.T)
+    K = _sym(_mm(Wl, Wl.T))
+    h = W.shape[0]
+    wf, lf = float(np.linalg.norm(W, "fro")), float(np.linalg.norm(Wl, "fro"))
+    chol = _chol(X)
+    if chol is None or not m > 0:
+        return None
+    s = _lam_max(_whiten(chol, G))
+    k = _lam_max(K)
+    c2 = m * m - ab
+    if not (s > 0 and k > 0 and c2 > 0):
+        return None
+
+    def assemble(lam: float, y: float) -> np.ndarray:
+        Q = np.empty((n + r, n + r))
+        Q[:n, :n] = X - (c2 * lam) * G
+        Q[:n, n:] = (m * math.sqrt(lam)) * H
+        Q[n:, :n] = Q[:n, n:].T
+        Q[n:, n:] = -K
+        Q[np.arange(n, n + r), np.arange(n, n + r)] += lam / y
+        return Q
+
+    def err(lam: float, Q: np.ndarray) -> float:
+        g = _gamma(h + 2)
+        return 2.0 * (c2 * lam * g * wf * wf + 2 * m * math.sqrt(lam) * g * wf * lf + g * lf * lf + 4 * EPS * float(np.linalg.norm(Q, "fro")))
+
+    def feasible(lam: float, y: float) -> bool:  # a float test only; the proof is below
+        return _chol(assemble(lam, y)) is not None
+
+    best = (0.0, 0.0)
+    for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        lam = f / (c2 * s)
+        lo, hi = 0.0, lam / k  # M > 0 needs y < lam / ||K||
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if feasible(lam, mid) else (lo, mid)
+        if lo > best[0]:
+            best = (lo, lam)
+    y0, lam = best
+    if not y0 > 0:
+        return None
+    for rel in MARGINS:
+        y = y0 * (1.0 - rel)
+        Q = assemble(lam, y)
+        M = Q[n:, n:].copy()
+        tau = rel * (lam / y - k)
+        M[np.diag_indices(r)] -= max(tau, 0.0)
+        if tau > 0 and proven_psd(M, err(lam, Q)) and proven_psd(Q, err(lam, Q)):
+            return y
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # The walk over the graph
 # --------------------------------------------------------------------------------------------
@@ -470,7 +534,30 @@ class _Walker:
                 y = linear_to_scalar(prev, W)  # type: ignore[arg-type]
                 if y is not None:
                     return self.record(node.name, "linear map (dense form)", y)
-        return self.record(node.name, "naive: proven layer norm", self.scalar_step(prev, layer_norm(node)))
+        y = self.scalar_step(prev, layer_norm(node))
+        wide = self.wide_layer(node)
+        if wide is not None and wide > y:
+            return self.record(node.name, "two-layer inequality (wide layer, narrow output)", wide)
+        return self.record(node.name, "naive: proven layer norm", y)
+
+    def wide_layer(self, node: Affine) -> float | None:
+        """The narrow map ``node`` after a wide activation layer phi(W u) whose state is a scalar:
+        one inequality over both layers (wide_layer_to_scalar), from the state of u."""
+        act = self.g.node(node.inputs[0]) if node.inputs[0] != Graph.INPUT else None
+        if not isinstance(act, Activation) or act.kind == "prelu" or self.consumers[act.name] != [node.name]:
+            return None
+        src = self.g.node(act.inputs[0]) if act.inputs[0] != Graph.INPUT else None
+        if not isinstance(src, Affine) or self.consumers[src.name] != [act.name] or _is_dense(self.states[act.name]):
+            return None
+        n = self.dim(src.inputs[0])
+        if node.lin.out_dim > DENSE_STATE or n > DENSE_STATE:
+            return None
+        X = _densify(self.states[src.inputs[0]], n)
+        W, Wl = _dense_of(src), _dense_of(node)
+        if X is None or W is None or Wl is None:
+            return None
+        a, b = _slopes(act)
+        return wide_layer_to_scalar(X, W, (a + b) / 2.0, a * b, Wl)
 
     def residual_block(self, node: Sum) -> State | None:
         """y = c_s S(p) + c_b W2 phi(W1 p), with S the identity or one affine map: one inequality."""
