@@ -133,10 +133,11 @@ def render(results: dict) -> str:
              "",
              "Each cell: proven l2 bound (time of the method, peak RSS of its process). `compose` is the compositional method "
              "(lipcert/estimators/compose.py: one closed-form matrix inequality per layer, residual blocks as one inequality, "
-             "each proven in float64); `sdp` is LipSDP-Neuron with lipcert-fast, stopped at `--time-limit` "
-             f"{results.get('sdp_time_limit', 0):.0f} s with the proven bound at the stop (its own dual bound, where it has one, in its own column); "
+             "each proven in float64); `sdp` is LipSDP-Neuron with lipcert-fast (`--time-limit` "
+             f"{results.get('sdp_time_limit', 0):.0f} s where this run solved it; the dual bound, where the solver has one, in its own column); "
              "cells marked [earlier run] are not from this run but from the \"LipSDP at scale\" section below (bench_sdp_scale.py, "
-             "2026-11-26, the same solver code, 900 s limit on the convolutional networks). "
+             "2026-11-26, the same solver code, unchanged on this branch; 900 s limit on the convolutional networks), and [issue 12] "
+             "quotes the issue. "
              "Lower: `lower_l2` of ../shared/models/reference.json (a witnessed lower bound, random points, no search).",
              "",
              "| network | naive | compose | sdp | compose / naive | sdp dual bound (LipSDP optimum >=) | lower (reference) |",
@@ -147,7 +148,7 @@ def render(results: dict) -> str:
             continue
         nv, cv = (row.get("naive") or {}).get("value"), (row.get("compose") or {}).get("value")
         ratio = f"{cv / nv:.3f}" if nv and cv else "-"
-        low = ref.get(f"vnncomp2021/{net}", {}).get("lower_l2")
+        low = ref.get(f"vnncomp2021/{net}.onnx", {}).get("lower_l2")
         dual = (row.get("sdp") or {}).get("lower_value")
         sdp = _cell(row["sdp"]) if row.get("sdp") else (f"{earlier[net]} [earlier run]" if net in earlier else NOT_RUN.get(net, "not run"))
         lines.append(f"| {net} | {_cell(row.get('naive'))} | {_cell(row.get('compose'))} | {sdp} | {ratio} | {_fmt(dual)} | {_fmt(low)} |")
