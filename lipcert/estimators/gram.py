@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import Settings
 from ..graph import Affine, Graph, Node
-from ..graph.linear import Conv, fft_conv_bound
+from ..graph.linear import Conv, as_conv, fft_conv_bound
 from ..result import Result
 from .base import SAFETY, register
 from .naive import branch_warnings, node_lipschitz_bounds
@@ -81,6 +81,9 @@ def conv_spectrum(conv: Conv) -> np.ndarray:
 
 
 def affine_gram(node: Affine, iterations: int) -> tuple[float, bool, str]:
+    conv = as_conv(node.lin)
+    if conv is not None:  # exact or circular-embedding norms, Gram iteration on the blocks (convnorm)
+        return conv.norm_bound("2")
     dense = node.lin.dense()
     if dense is not None:
         return gram_bound(dense, iterations), False, f"gram iteration ({iterations} its)"
