@@ -69,7 +69,7 @@ def test_zero_padded_bounds_are_sound_and_reported_values_tight(ci, co, n, k, s,
     value, is_exact, how = conv.norm_bound("2")
     assert ref <= value * SAFE <= ref * 1.01, how
     dense_value, dense_exact = convnorm.grouped_dense_norm(conv)  # all groups probed at once
-    assert ref <= dense_value * SAFE <= ref * (1 + (1e-9 if dense_exact else 2 * convnorm.GRAM_TOL))
+    assert ref <= dense_value * SAFE <= ref * (1 + (4e-9 if dense_exact else 2 * convnorm.GRAM_TOL))
 
 
 @pytest.mark.parametrize("ci,co,n,k,s,g,p,op", TRANSPOSED)
