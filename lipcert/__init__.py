@@ -5,15 +5,27 @@
     >>> lipcert.bound(graph, method="naive", norm=2).value      # doctest: +SKIP
 """
 
+import importlib
 import logging
+from typing import Any
 
-from .api import bound, methods
-from .certify import Certificates, certified_radius, certify
-from .estimators.lower import lower_bound
-from .errors import InputError, LipcertError, ModelError, SolverError, UnsupportedModelError
-from .graph import Graph
-from .load import load, supported_ops
-from .result import Result
+# Public names -> the module that defines them. They are imported on first use (PEP 562), so
+# `import lipcert` and `lipcert --help` do not pay for torch, onnx and cvxpy up front.
+_LAZY = {
+    "bound": "api", "methods": "api", "Certificates": "certify", "certified_radius": "certify", "certify": "certify",
+    "lower_bound": "estimators.lower", "InputError": "errors", "LipcertError": "errors", "ModelError": "errors",
+    "SolverError": "errors", "UnsupportedModelError": "errors", "Graph": "graph", "load": "load",
+    "supported_ops": "load", "Result": "result",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lipcert' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())

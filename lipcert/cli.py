@@ -110,6 +110,25 @@ def main() -> None:
     """
 
 
+class _LazyChoice(click.Choice):
+    """A click.Choice whose choices are computed on first use: the method registry imports
+    torch, which `lipcert --help` should not wait for."""
+
+    def __init__(self, load: Callable[[], list[str]]) -> None:
+        self._load, self._choices = load, None
+        self.case_sensitive = True
+
+    @property
+    def choices(self):  # type: ignore[override]
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
+
+    @choices.setter
+    def choices(self, value) -> None:
+        self._choices = tuple(value)
+
+
 def _method_names() -> list[str]:
     from .estimators import ESTIMATORS
 
@@ -118,7 +137,7 @@ def _method_names() -> list[str]:
 
 @main.command()
 @model_options
-@click.option("--method", "-m", type=click.Choice(_method_names()), default="naive", show_default=True, help="How to bound: see `lipcert methods`. 'all' runs every method that applies.")
+@click.option("--method", "-m", type=_LazyChoice(_method_names), default="naive", show_default=True, help="How to bound: see `lipcert methods`. 'all' runs every method that applies.")
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
 @click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Iterations of power / Gram iteration.")
