@@ -146,9 +146,10 @@ def _method_names() -> list[str]:
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Stop lipcert-fast after this long per LipSDP section; its multipliers so far are still verified, so the bound stays proven (only looser). Default: none.")
 @click.option("--layers", is_flag=True, help="Also print the per-layer norms and their running product.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Where naive, gram, power and lower run their tensors; cuda falls back to the CPU with a note.")
 @output_options
 @friendly_errors
-def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, time_limit: float | None, layers: bool, as_json: bool, quiet: bool) -> None:
+def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, time_limit: float | None, layers: bool, device: str, as_json: bool, quiet: bool) -> None:
     """Bound the Lipschitz constant of MODEL (an .onnx file).
 
     A value marked 'proven' is a mathematical upper bound on the Lipschitz constant
@@ -165,7 +166,7 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
 
     progress.set_quiet(quiet or as_json)
     graph = _load(model, input_shape)
-    settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant,
+    settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant, device=device,
                         extra={"fast_time_limit": time_limit} if time_limit else {})
     if method == "all":
         results, skipped = estimate_all(graph, settings, progress.note)

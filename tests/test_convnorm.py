@@ -131,3 +131,21 @@ def test_cuda_request_falls_back_to_cpu():
         assert convnorm.current_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
         assert notes and "CPU" in notes[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+@pytest.mark.parametrize("method", ["naive", "gram", "power"])
+def test_device_cuda_falls_back_with_a_note(method):
+    import json
+
+    from click.testing import CliRunner
+
+    from lipcert.cli import main
+
+    out = CliRunner().invoke(main, ["bound", "models/cnn_bars.onnx", "--method", method, "--device", "cuda", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)["results"][0]
+    assert result["settings"]["device"] == "cuda"
+    assert any("CPU" in w for w in result["warnings"])
+    ref = CliRunner().invoke(main, ["bound", "models/cnn_bars.onnx", "--method", method, "--json"])
+    assert json.loads(ref.output)["results"][0]["value"] == pytest.approx(result["value"], rel=1e-12)

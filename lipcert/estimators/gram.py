@@ -112,13 +112,16 @@ class Gram:
         def node_norm(node: Node, norm: str) -> tuple[float, bool, str]:
             return affine_gram(node, its) if isinstance(node, Affine) else node.lipschitz(norm)
 
-        total, layers = node_lipschitz_bounds(merged, "2", node_norm)
+        from ..graph.convnorm import on_device
+
+        with on_device(settings.device) as notes:
+            total, layers = node_lipschitz_bounds(merged, "2", node_norm)
         value = total[merged.output]
         return Result(
             method=self.name, kind="upper", norm="2", value=value if math.isfinite(value) else None,
             certified=math.isfinite(value), time_s=time.perf_counter() - start,
-            settings={"iterations": its, "safety_margin": SAFETY}, layers=layers,
-            warnings=branch_warnings(merged, []), model=graph.source, sha256=graph.sha256,
+            settings={"iterations": its, "safety_margin": SAFETY, "device": settings.device}, layers=layers,
+            warnings=notes + branch_warnings(merged, []), model=graph.source, sha256=graph.sha256,
         )
 
 
