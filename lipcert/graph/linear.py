@@ -27,6 +27,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
+def vjp_linear(fn, in_shape: tuple[int, ...], y: torch.Tensor) -> torch.Tensor:
+    """A^T y for the linear map ``fn`` on batches (B, *in_shape), by plain autograd (torch.func
+    would first import functorch, seconds on a cold start)."""
+    with torch.enable_grad():
+        x0 = torch.zeros((y.shape[0], *in_shape), dtype=y.dtype, device=y.device, requires_grad=True)
+        out = fn(x0)
+        (g,) = torch.autograd.grad(out, x0, grad_outputs=y.reshape(out.shape), allow_unused=True)
+    return torch.zeros_like(x0) if g is None else g.detach()
+
+
 def dense_norm(a: np.ndarray, p: str) -> float:
     """Exact operator norm of a dense matrix for the l2, linf or l1 vector norm."""
     if a.size == 0:
@@ -52,9 +62,7 @@ class LinearOp:
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """A^T y for a batch y of shape (B, *out_shape), through autograd of ``apply``."""
-        x0 = torch.zeros((y.shape[0], *self.in_shape), dtype=y.dtype, device=y.device)
-        _, vjp = torch.func.vjp(self.apply, x0)
-        return vjp(y)[0]
+        return vjp_linear(self.apply, self.in_shape, y)
 
     @property
     def in_dim(self) -> int:
@@ -319,8 +327,7 @@ class Conv(LinearOp):
                 cache[p] = float(self._conv(ones_in, absw).max())
             else:
                 ones_out = torch.ones((1, *self.out_shape), dtype=torch.float64)
-                _, vjp = torch.func.vjp(lambda t: self._conv(t, absw), ones_in)
-                cache[p] = float(vjp(ones_out)[0].max())
+                cache[p] = float(vjp_linear(lambda t: self._conv(t, absw), self.in_shape, ones_out).max())
         return cache[p]
 
     def l2(self) -> tuple[float, bool, str]:
