@@ -37,9 +37,10 @@ from typing import Iterator
 import torch
 
 # Dense route when a layer's groups cost at most this many flops (about g * n_min^2 * n_max for
-# the SVDs) and hold at most DENSE_ENTRIES numbers: each such layer takes well under a second.
-DENSE_FLOPS = 4e9
-DENSE_ENTRIES = 16_000_000
+# the SVDs) and hold at most DENSE_ENTRIES numbers: a few seconds at most (the
+# Gram matrix of the smaller side).
+DENSE_FLOPS = 2e10
+DENSE_ENTRIES = 25_000_000
 
 _device: contextvars.ContextVar[str] = contextvars.ContextVar("lipcert_conv_device", default="cpu")
 
@@ -92,7 +93,8 @@ def max_singular(mats: torch.Tensor, max_iterations: int = 12) -> tuple[float, b
     b, m, n = mats.shape
     if b == 0 or mats.numel() == 0:
         return 0.0, True
-    if min(m, n) <= SVD_SIZE:
+    if min(m, n) <= SVD_SIZE or (not mats.is_complex() and b <= 4):
+        # small blocks, and real dense matrices (LAPACK's real SVD is fast): exact
         return float(torch.linalg.svdvals(mats)[:, 0].max()), True
     w = (mats if m >= n else mats.mH).contiguous()  # (b, big, small): Gram matrices small x small
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -119,8 +121,10 @@ def max_singular(mats: torch.Tensor, max_iterations: int = 12) -> tuple[float, b
             f = torch.linalg.vector_norm(g, dim=(1, 2)).clamp_min(1e-300)
             g = g / f.view(-1, 1, 1)
             log_scale = 2 * log_scale + torch.log(f)
-            bound = torch.exp(log_scale / 2**t) * margin
-            if float(bound.max()) <= floor * (1 + GRAM_TOL):
+            previous, bound = bound, torch.exp(log_scale / 2**t) * margin
+            # done when within GRAM_TOL of the witnessed floor, or when the bounds have stopped
+            # moving (the floor from 8 power steps can sit a little below the top)
+            if float(bound.max()) <= floor * (1 + GRAM_TOL) or float(previous[keep].max()) <= float(bound.max()) * (1 + 1e-12):
                 break
     finally:
         if flush:
