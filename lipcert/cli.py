@@ -130,6 +130,25 @@ def main() -> None:
     """
 
 
+class _LazyChoice(click.Choice):
+    """A click.Choice whose choices are computed on first use: the method registry imports
+    torch, which `lipcert --help` should not wait for."""
+
+    def __init__(self, load: Callable[[], list[str]]) -> None:
+        self._load, self._choices = load, None
+        self.case_sensitive = True
+
+    @property
+    def choices(self):  # type: ignore[override]
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
+
+    @choices.setter
+    def choices(self, value) -> None:
+        self._choices = tuple(value)
+
+
 def _method_names() -> list[str]:
     from .estimators import ESTIMATORS
 
@@ -138,7 +157,7 @@ def _method_names() -> list[str]:
 
 @main.command()
 @model_options
-@click.option("--method", "-m", type=click.Choice(_method_names()), default="naive", show_default=True, help="How to bound: see `lipcert methods`. 'all' runs every method that applies.")
+@click.option("--method", "-m", type=_LazyChoice(_method_names), default="naive", show_default=True, help="How to bound: see `lipcert methods`. 'all' runs every method that applies.")
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
 @click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Iterations of power / Gram iteration.")
@@ -152,10 +171,11 @@ def _method_names() -> list[str]:
 @click.option("--radius", type=click.FloatRange(min=0), default=None, help="Local bound: the radius of the --norm ball around --center.")
 @click.option("--box", type=(click.Path(dir_okay=False), click.Path(dir_okay=False)), default=None, metavar="LO.npz HI.npz", help="Local bound over the box [lo, hi] (arrays x in two .npz files).")
 @click.option("--index", type=click.IntRange(min=0), default=0, show_default=True, help="Which row of the --center / --box arrays.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Where naive, gram, power and lower run their tensors; cuda falls back to the CPU with a note.")
 @output_options
 @friendly_errors
 def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations: int, solver: str | None, sdp_variant: str, time_limit: float | None, layers: bool,
-          budget: float | None, center: str | None, radius: float | None, box: tuple[str, str] | None, index: int, as_json: bool, quiet: bool) -> None:
+          budget: float | None, center: str | None, radius: float | None, box: tuple[str, str] | None, index: int, device: str, as_json: bool, quiet: bool) -> None:
     """Bound the Lipschitz constant of MODEL (an .onnx file).
 
     A value marked 'proven' is a mathematical upper bound on the Lipschitz constant
@@ -178,7 +198,7 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     if center is not None or radius is not None or box is not None:  # local constants (lipcert/local.py)
         _local_bound(model, graph, method, norm, center, radius, box, index, as_json)
         return
-    settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant,
+    settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant, device=device,
                         extra={"fast_time_limit": time_limit} if time_limit else {})
     if method == "all":
         results, skipped = estimate_all(graph, settings, progress.note, allowance)

@@ -215,3 +215,13 @@ def test_pairwise_lipsdp_is_skipped_with_a_note_on_large_networks(spiral, monkey
     c = pairwise_constants(graph, "2", "sdp")
     assert "pairwise LipSDP skipped" in capsys.readouterr().err
     assert "LipSDP pairwise" not in c.how.values() and c.global_method == "sdp"  # the global LipSDP bound still counts
+
+
+def test_public_functions_are_not_shadowed_by_their_submodules():
+    # lipcert.certify and lipcert.attack are both submodules and public functions; importing the
+    # submodules (as this file does above) must leave the functions on the package
+    import lipcert
+    import lipcert.attack  # noqa: F401
+
+    assert callable(lipcert.certify) and callable(lipcert.attack)
+    assert lipcert.certify.__name__ == "certify" and lipcert.attack.__name__ == "attack"

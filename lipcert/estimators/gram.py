@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import Settings
 from ..graph import Affine, Graph, Node
-from ..graph.linear import Conv, fft_conv_bound
+from ..graph.linear import Conv, as_conv, fft_conv_bound
 from ..result import Result
 from .base import SAFETY, register
 from .naive import branch_warnings, node_lipschitz_bounds
@@ -81,6 +81,9 @@ def conv_spectrum(conv: Conv) -> np.ndarray:
 
 
 def affine_gram(node: Affine, iterations: int) -> tuple[float, bool, str]:
+    conv = as_conv(node.lin)
+    if conv is not None:  # exact or circular-embedding norms, Gram iteration on the blocks (convnorm)
+        return conv.norm_bound("2")
     dense = node.lin.dense()
     if dense is not None:
         return gram_bound(dense, iterations), False, f"gram iteration ({iterations} its)"
@@ -109,13 +112,16 @@ class Gram:
         def node_norm(node: Node, norm: str) -> tuple[float, bool, str]:
             return affine_gram(node, its) if isinstance(node, Affine) else node.lipschitz(norm)
 
-        total, layers = node_lipschitz_bounds(merged, "2", node_norm)
+        from ..graph.convnorm import on_device
+
+        with on_device(settings.device) as notes:
+            total, layers = node_lipschitz_bounds(merged, "2", node_norm)
         value = total[merged.output]
         return Result(
             method=self.name, kind="upper", norm="2", value=value if math.isfinite(value) else None,
             certified=math.isfinite(value), time_s=time.perf_counter() - start,
-            settings={"iterations": its, "safety_margin": SAFETY}, layers=layers,
-            warnings=branch_warnings(merged, []), model=graph.source, sha256=graph.sha256,
+            settings={"iterations": its, "safety_margin": SAFETY, "device": settings.device}, layers=layers,
+            warnings=notes + branch_warnings(merged, []), model=graph.source, sha256=graph.sha256,
         )
 
 

@@ -69,11 +69,14 @@ class Naive:
         return None
 
     def run(self, graph: Graph, settings: Settings) -> Result:
+        from ..graph.convnorm import on_device
+
         start = time.perf_counter()
         merged = graph.merge_linear()
-        total, layers = node_lipschitz_bounds(merged, settings.norm)
+        with on_device(settings.device) as notes:
+            total, layers = node_lipschitz_bounds(merged, settings.norm)
         return Result(
             method=self.name, kind="upper", norm=settings.norm, value=total[merged.output], certified=True,
-            time_s=time.perf_counter() - start, settings={"norm": settings.norm, "safety_margin": SAFETY},
-            layers=layers, warnings=branch_warnings(merged, layers), model=graph.source, sha256=graph.sha256,
+            time_s=time.perf_counter() - start, settings={"norm": settings.norm, "safety_margin": SAFETY, "device": settings.device},
+            layers=layers, warnings=notes + branch_warnings(merged, layers), model=graph.source, sha256=graph.sha256,
         )

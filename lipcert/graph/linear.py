@@ -18,20 +18,31 @@ import torch.nn.functional as F
 NORMS: tuple[str, ...] = ("2", "inf", "1")
 # Largest dense matrix (entries) we build to take an exact norm: 4096 x 6144 floats = 200 MB.
 DENSE_LIMIT = 4096 * 6144
+# Largest l2 SVD taken on a dense matrix (about n_min^2 n_max flops: 2048^3, a few seconds); larger
+# operators get proven bounds (convolutions: see convnorm) instead of minutes of SVD.
+DENSE_SVD_FLOPS = 2048**3
 
 
 def _numel(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
+def vjp_linear(fn, in_shape: tuple[int, ...], y: torch.Tensor) -> torch.Tensor:
+    """A^T y for the linear map ``fn`` on batches (B, *in_shape), by plain autograd (torch.func
+    would first import functorch, seconds on a cold start)."""
+    with torch.enable_grad():
+        x0 = torch.zeros((y.shape[0], *in_shape), dtype=y.dtype, device=y.device, requires_grad=True)
+        out = fn(x0)
+        (g,) = torch.autograd.grad(out, x0, grad_outputs=y.reshape(out.shape), allow_unused=True)
+    return torch.zeros_like(x0) if g is None else g.detach()
+
+
 def dense_norm(a: np.ndarray, p: str) -> float:
     """Exact operator norm of a dense matrix for the l2, linf or l1 vector norm."""
     if a.size == 0:
         return 0.0
-    if p == "2":
-        import scipy.linalg
-
-        return float(scipy.linalg.svdvals(a, check_finite=False)[0])
+    if p == "2":  # numpy's LAPACK SVD: importing scipy.linalg alone takes seconds
+        return float(np.linalg.svd(a, compute_uv=False)[0])
     if p == "inf":
         return float(np.abs(a).sum(axis=1).max())
     if p == "1":
@@ -51,9 +62,7 @@ class LinearOp:
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """A^T y for a batch y of shape (B, *out_shape), through autograd of ``apply``."""
-        x0 = torch.zeros((y.shape[0], *self.in_shape), dtype=y.dtype, device=y.device)
-        _, vjp = torch.func.vjp(self.apply, x0)
-        return vjp(y)[0]
+        return vjp_linear(self.apply, self.in_shape, y)
 
     @property
     def in_dim(self) -> int:
@@ -89,7 +98,10 @@ class LinearOp:
         return (stacked if use_rows else stacked.T).contiguous().numpy()
 
     def exact_norm(self, p: str) -> float | None:
-        """Exact operator norm (None where it would need a too large dense matrix)."""
+        """Exact operator norm (None where it would need a too large dense matrix, or for l2 an
+        SVD of more than DENSE_SVD_FLOPS)."""
+        if p == "2" and min(self.in_dim, self.out_dim) ** 2 * max(self.in_dim, self.out_dim) > DENSE_SVD_FLOPS:
+            return None
         a = self.dense()
         return None if a is None else self._cached_dense_norm(p)
 
@@ -303,63 +315,103 @@ class Conv(LinearOp):
         return [self.weight]
 
     def exact_norm(self, p: str) -> float | None:
-        if p in ("inf", "1") and self.dense() is None:
-            # Rows (columns) of |A| sum to |conv|(1) (|conv|^T(1)): exact without the matrix.
-            cache = self.__dict__.setdefault("_norm_cache", {})
-            if p not in cache:
-                absw = self.weight.abs()
-                ones_in = torch.ones((1, *self.in_shape), dtype=torch.float64)
-                if p == "inf":
-                    cache[p] = float(self._conv(ones_in, absw).max())
-                else:
-                    ones_out = torch.ones((1, *self.out_shape), dtype=torch.float64)
-                    _, vjp = torch.func.vjp(lambda t: self._conv(t, absw), ones_in)
-                    cache[p] = float(vjp(ones_out)[0].max())
-            return cache[p]
-        return super().exact_norm(p)
+        if p == "2":
+            value, exact, _ = self.l2()
+            return value if exact else None
+        # Rows (columns) of |A| sum to |conv|(1) (|conv|^T(1)): exact without the matrix.
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if p not in cache:
+            absw = self.weight.abs()
+            ones_in = torch.ones((1, *self.in_shape), dtype=torch.float64)
+            if p == "inf":
+                cache[p] = float(self._conv(ones_in, absw).max())
+            else:
+                ones_out = torch.ones((1, *self.out_shape), dtype=torch.float64)
+                cache[p] = float(vjp_linear(lambda t: self._conv(t, absw), self.in_shape, ones_out).max())
+        return cache[p]
+
+    def l2(self) -> tuple[float, bool, str]:
+        """(value, exact, how) for the l2 norm, without a large dense matrix (see convnorm)."""
+        if "_l2" not in self.__dict__:
+            from .convnorm import conv_l2
+
+            self._l2 = conv_l2(self)
+        return self._l2
 
     def norm_bound(self, p: str) -> tuple[float, bool, str]:
-        exact = self.exact_norm(p)
-        if exact is not None:
-            return exact, True, "dense svd" if p == "2" else "|kernel| on ones"
-        return fft_conv_bound(self), False, "circular-conv fft bound"
+        if p == "2":
+            return self.l2()
+        return self.exact_norm(p), True, "|kernel| on ones"
 
 
 def fft_conv_bound(conv: Conv) -> float:
-    """Proven l2 bound for a zero-padded (possibly strided, dilated, grouped) convolution.
+    """Proven l2 bound for a zero-padded (possibly strided, dilated, grouped, transposed)
+    convolution: the exact norm of the circular convolution it embeds in (see convnorm)."""
+    from .convnorm import circular_embedding_bound
 
-    The zero-padded convolution is (row selection) o (circular convolution on the padded size)
-    o (zero embedding): the outer two have norm <= 1, and the circular convolution's norm is the
-    largest singular value of the kernel's Fourier transform over all frequencies (Sedghi et al.
-    2019). Striding only selects rows. A transposed convolution has the norm of its adjoint.
-    """
-    # For a transposed convolution, the adjoint is the plain convolution with the same weight
-    # (C_in, C_out/g, k...) on the uncropped output; cropping only removes rows.
-    w = conv.weight.numpy()
-    c_out, c_in_g = w.shape[:2]
-    g = conv.groups
-    # expand groups into a block-diagonal full kernel
-    if g > 1:
-        per_out = c_out // g
-        full = np.zeros((c_out, c_in_g * g, *w.shape[2:]))
-        for k in range(g):
-            full[k * per_out : (k + 1) * per_out, k * c_in_g : (k + 1) * c_in_g] = w[k * per_out : (k + 1) * per_out]
-        w = full
-    # dilate the kernel
-    if any(d > 1 for d in conv.dilations):
-        shape = [(k - 1) * d + 1 for k, d in zip(w.shape[2:], conv.dilations)]
-        dil = np.zeros((*w.shape[:2], *shape))
-        dil[(slice(None), slice(None), *[slice(None, None, d) for d in conv.dilations])] = w
-        w = dil
-    if conv.transposed:
-        size = [o + b + e for o, b, e in zip(conv.out_shape[2:], conv.begins, conv.ends)]
-    else:
-        size = [n + b + e for n, b, e in zip(conv.in_shape[2:], conv.begins, conv.ends)]
-    size = [max(n, k) for n, k in zip(size, w.shape[2:])]
-    axes = tuple(range(2, w.ndim))
-    spectrum = np.fft.fftn(w, s=size, axes=axes)  # (C_out, C_in, *size)
-    mats = np.moveaxis(spectrum.reshape(*w.shape[:2], -1), -1, 0)  # (freqs, C_out, C_in)
-    return float(np.linalg.norm(mats, ord=2, axis=(1, 2)).max())
+    return circular_embedding_bound(conv)[0]
+
+
+def as_conv(op: LinearOp) -> Conv | None:
+    """One Conv equal to ``op`` when op is a convolution with per-channel scales around it and
+    zero padding before it (Conv + batch-norm, Mul by a channel constant, Pad + Conv), possibly
+    between reshapes that keep the shape; else None. The scales are folded into the kernel and
+    the padding into the convolution's pads, so its norm is taken as one operator's."""
+    ops = list(op.ops) if isinstance(op, Composed) else [op]
+    while ops and isinstance(ops[0], Reshape) and ops[0].in_shape == ops[0].out_shape:
+        ops.pop(0)
+    while ops and isinstance(ops[-1], Reshape) and ops[-1].in_shape == ops[-1].out_shape:
+        ops.pop()
+    convs = [i for i, o in enumerate(ops) if isinstance(o, Conv)]
+    if len(convs) != 1:
+        return None
+    conv: Conv = ops[convs[0]]
+    if len(ops) == 1:
+        return conv
+    before, after = ops[: convs[0]], ops[convs[0] + 1 :]
+    weight = conv.weight.clone()
+    g, nd = conv.groups, conv.nd
+    begins, ends = list(conv.begins), list(conv.ends)
+    in_scale = torch.ones(conv.in_shape[1], dtype=torch.float64)
+    out_scale = torch.ones(conv.out_shape[1], dtype=torch.float64)
+    for o in before:
+        if isinstance(o, Scale) and (f := _channel_factor(o)) is not None:
+            in_scale = in_scale * f
+        elif isinstance(o, Pad) and not conv.transposed and _spatial_pad(o, nd):
+            begins = [b + pb for b, pb in zip(begins, o.begins[2:])]
+            ends = [e + pe for e, pe in zip(ends, o.ends[2:])]
+        else:
+            return None
+    for o in after:
+        if isinstance(o, Scale) and (f := _channel_factor(o)) is not None:
+            out_scale = out_scale * f
+        else:
+            return None
+    if conv.transposed:  # weight (C_in, C_out/g, k): input channels on axis 0
+        weight = weight * in_scale.view(-1, *[1] * (nd + 1))
+        weight = (weight.reshape(g, -1, weight.shape[1], *weight.shape[2:]) * out_scale.view(g, 1, -1, *[1] * nd)).reshape(weight.shape)
+    else:  # weight (C_out, C_in/g, k)
+        weight = weight * out_scale.view(-1, *[1] * (nd + 1))
+        weight = (weight.reshape(g, -1, weight.shape[1], *weight.shape[2:]) * in_scale.view(g, 1, -1, *[1] * nd)).reshape(weight.shape)
+    in_shape = before[0].in_shape if before else conv.in_shape
+    return Conv(in_shape, weight.numpy(), conv.strides, (*begins, *ends), conv.dilations, g, conv.transposed, conv.output_padding)
+
+
+def _channel_factor(scale: Scale) -> torch.Tensor | None:
+    """The per-channel factors of a Scale on (N, C, *spatial) that is constant over N and space."""
+    f = scale.factor
+    if f.dim() < 3:
+        return None
+    per = f[:1, :, *([slice(0, 1)] * (f.dim() - 2))]
+    if not bool((f == per).all()):
+        return None
+    return per.reshape(-1).clone()
+
+
+def _spatial_pad(pad: Pad, nd: int) -> bool:
+    """True for non-negative zero padding of the spatial axes only."""
+    return (len(pad.begins) == nd + 2 and not any(pad.begins[:2]) and not any(pad.ends[:2])
+            and min(pad.begins + pad.ends) >= 0)
 
 
 class AvgPool(LinearOp):
@@ -446,7 +498,14 @@ class Composed(LinearOp):
             return core[0].dense(limit)
         return super().dense(limit)
 
+    @cached_property
+    def conv(self) -> Conv | None:
+        """The chain as one convolution (scales and padding folded in), when it is one."""
+        return as_conv(self)
+
     def exact_norm(self, p: str) -> float | None:
+        if self.conv is not None:
+            return self.conv.exact_norm(p)
         core = [op for op in self.ops if not isinstance(op, (Reshape, Transpose))]
         if not core:
             return 1.0
@@ -455,6 +514,9 @@ class Composed(LinearOp):
         return super().exact_norm(p)
 
     def norm_bound(self, p: str) -> tuple[float, bool, str]:
+        if self.conv is not None:
+            value, exact, how = self.conv.norm_bound(p)
+            return value, exact, how + (" (scales folded into the kernel)" if len(self.ops) > 1 else "")
         exact = self.exact_norm(p)
         if exact is not None:
             return exact, True, "dense svd" if p == "2" else "dense row/col sums"

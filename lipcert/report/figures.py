@@ -23,13 +23,21 @@ def _svg(fig: Any) -> str:
 
 
 def layer_norms(names: list[str], values: list[float], cumulative: list[float | None]) -> str:
-    fig, ax = plt.subplots(figsize=(7.5, 2.8))
-    xs = range(len(values))
+    """Bars of the per-layer norms and the running bound. With many layers (a ResNet has 60+)
+    the figure widens up to a limit and only every k-th layer is named, so labels never overlap."""
+    n = len(values)
+    fig, ax = plt.subplots(figsize=(min(7.5 + max(0, n - 30) * 0.08, 12.0), 2.8))
+    xs = range(n)
     ax.bar(xs, values, color=BLUE, label="layer norm")
     cum = [c if c is not None else float("nan") for c in cumulative]
-    ax.plot(xs, cum, color=ORANGE, marker="o", ms=3, label="bound so far")
+    ax.plot(xs, cum, color=ORANGE, marker="o", ms=3 if n <= 40 else 1.5, label="bound so far")
     ax.set_yscale("log")
-    ax.set_xticks(list(xs), [n[-18:] for n in names], rotation=40, ha="right", fontsize=7)
+    step = max(1, -(-n // 40))  # at most about 40 names
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks, [names[i][-18:] for i in ticks], rotation=40 if step == 1 else 60, ha="right", fontsize=7 if n <= 40 else 6)
+    if step > 1:
+        ax.set_xlabel(f"layers (every {step}th named)", fontsize=7)
+    ax.set_xlim(-0.6, n - 0.4)
     ax.legend(frameon=False, fontsize=8)
     ax.set_ylabel("Lipschitz bound")
     return _svg(fig)

@@ -1,0 +1,264 @@
+"""l2 norms of convolutions without their dense matrices.
+
+A convolution at a fixed input size is a linear map whose dense matrix quickly gets too large
+for an SVD (a 64-channel 32x32 layer is 65536 x 65536). Three routes, fastest first:
+
+* **1x1 kernels**: every output position applies the same c_out x c_in matrix W to a different
+  input position, so the operator is a direct sum of copies of W (plus zero rows or columns
+  where padding or striding leaves positions out): its norm is exactly ||W||_2 (per group: the
+  largest of the groups' norms).
+* **Small layers**: the dense matrix of each group (all groups probed at once), and a batched
+  SVD: exact.
+* **Everything else: circular embedding.** A zero-padded convolution with stride s reads, for
+  output j, padded inputs j*s + [0, k). Embed the padded input in a periodic grid of size N >=
+  n + pads with N divisible by s: no output that is kept wraps around, so the layer is
+  ``R C E`` with E an isometric embedding, R a coordinate restriction and C the *circular*
+  strided convolution on the N-grid. Hence ||layer|| <= ||C||. And ||C|| is computed exactly:
+  writing the input in its s^d polyphase components x_b[m] = x[m s + b] turns C into a stride-1
+  circular convolution on the (N/s)-grid with c_in s^d input channels (a permutation of the
+  input coordinates, so an isometry), which the d-dimensional DFT block-diagonalises into one
+  c_out x (c_in s^d) matrix per frequency (Sedghi et al., ICLR 2019): ||C|| is the largest
+  singular value over the frequencies. Dilation inserts zeros in the kernel; groups make each
+  frequency block block-diagonal, so each group is done on its own; a transposed convolution
+  has the norm of its adjoint, a plain convolution on its uncropped output (the crop only
+  removes rows).
+
+Rounding: the FFT of a kernel has a relative error of O(log(N) eps) and a float64 SVD a
+backward error of O(c eps ||block||); both are far below the estimators' SAFETY margin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Iterator
+
+import torch
+
+# Dense route when a layer's groups cost at most this many flops (about g * n_min^2 * n_max for
+# the SVDs) and hold at most DENSE_ENTRIES numbers: a few seconds at most (the
+# Gram matrix of the smaller side).
+DENSE_FLOPS = 2e10
+DENSE_ENTRIES = 25_000_000
+
+_device: contextvars.ContextVar[str] = contextvars.ContextVar("lipcert_conv_device", default="cpu")
+
+
+def resolve_device(requested: str) -> tuple[str, list[str]]:
+    """'cpu', 'cuda' or 'auto' -> the device to use, and a note when cuda is not there."""
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        return "cuda", []
+    if requested == "cuda":
+        return "cpu", ["no CUDA device is available: ran on the CPU"]
+    return "cpu", []
+
+
+@contextlib.contextmanager
+def on_device(requested: str) -> Iterator[list[str]]:
+    """Run the convolution norms inside the block on ``requested`` ('cpu', 'cuda', 'auto');
+    yields the notes (a fallback to the CPU)."""
+    device, notes = resolve_device(requested)
+    token = _device.set(device)
+    try:
+        yield notes
+    finally:
+        _device.reset(token)
+
+
+def current_device() -> torch.device:
+    return torch.device(_device.get())
+
+
+SVD_SIZE = 64  # blocks with a side at most this go through a batched SVD (exact)
+GRAM_TOL = 1e-6  # Gram iteration stops once its bound is within this of a witnessed value
+EPS = 2.0**-52
+
+
+def max_singular(mats: torch.Tensor, max_iterations: int = 12) -> tuple[float, bool]:
+    """(value, exact): the largest singular value over a batch of matrices (b, m, n), real or
+    complex. Exact (batched SVD) for small blocks; otherwise a proven upper bound within
+    GRAM_TOL of it:
+
+    1. a few batched power steps give a witnessed value l_f = ||W_f v|| / ||v|| <= sigma_1(W_f)
+       per block, and L = max_f l_f <= the answer;
+    2. Gram iteration (Delattre et al. 2023) on the blocks that may still beat L: with
+       G_0 = W / ||W||_F and G_{t+1} = G_t^H G_t / ||.||_F, sigma_1(W) <= exp(s_t / 2^t) where s_t
+       collects the logarithms of the scales (||G_t||_F = 1). A block whose bound falls below L
+       cannot hold the maximum and is dropped, so after a step or two only a few remain.
+
+    The answer is the largest bound left, times 1 + 2 n r eps for rounding (as in gram.py).
+    LAPACK's batched complex SVD and Hermitian eigensolver are far slower than matrix products
+    for blocks of a few hundred, hence the iteration."""
+    b, m, n = mats.shape
+    if b == 0 or mats.numel() == 0:
+        return 0.0, True
+    if min(m, n) <= SVD_SIZE or (not mats.is_complex() and b <= 4):
+        # small blocks, and real dense matrices (LAPACK's real SVD is fast): exact
+        return float(torch.linalg.svdvals(mats)[:, 0].max()), True
+    w = (mats if m >= n else mats.mH).contiguous()  # (b, big, small): Gram matrices small x small
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn((b, w.shape[2], 1), generator=gen, dtype=torch.float64).to(w.device, w.dtype)
+    for _ in range(8):
+        v = w.mH @ (w @ v)
+        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-300)
+    lower = torch.linalg.vector_norm(w @ v, dim=(1, 2))
+    floor = float(lower.max())
+    fro = torch.linalg.vector_norm(w, dim=(1, 2)).clamp_min(1e-300)
+    log_scale = torch.log(fro)
+    g = w / fro.view(-1, 1, 1)
+    big, rank = w.shape[1], w.shape[2]
+    margin = 1.0 + 2.0 * (big + 2) * rank * EPS
+    bound = torch.exp(log_scale) * margin
+    # the small eigenvalues decay like (sigma_i / sigma_1)^(2^t): without flushing, the products
+    # crawl through subnormal numbers (10-100x slower); flushed values are < 1e-308 of ||G||_F = 1
+    flush = torch.set_flush_denormal(True)
+    try:
+        for t in range(1, max_iterations + 1):
+            keep = bound >= floor
+            g, log_scale = g[keep], log_scale[keep]
+            g = g.mH @ g if t == 1 else g @ g  # G_t is Hermitian for t >= 1
+            f = torch.linalg.vector_norm(g, dim=(1, 2)).clamp_min(1e-300)
+            g = g / f.view(-1, 1, 1)
+            log_scale = 2 * log_scale + torch.log(f)
+            previous, bound = bound, torch.exp(log_scale / 2**t) * margin
+            # done when within GRAM_TOL of the witnessed floor, or when the bounds have stopped
+            # moving (the floor from 8 power steps can sit a little below the top)
+            if float(bound.max()) <= floor * (1 + GRAM_TOL) or float(previous[keep].max()) <= float(bound.max()) * (1 + 1e-12):
+                break
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    return max(float(bound.max()), floor), False
+
+
+# --- kernels ----------------------------------------------------------------------------------
+def grouped_kernel(conv) -> torch.Tensor:
+    """The kernel of the plain convolution whose norm is the layer's, split by groups and
+    dilated: (g, c_out/g, c_in/g, *k). A transposed convolution gives its adjoint's kernel."""
+    w = conv.weight
+    g = conv.groups
+    # plain (C_out, C_in/g, k...); transposed (C_in, C_out/g, k...), whose adjoint is the plain
+    # convolution C_out -> C_in with the same array: either way, split the first axis by groups
+    w = w.reshape(g, w.shape[0] // g, *w.shape[1:])
+    if any(d > 1 for d in conv.dilations):
+        size = [(k - 1) * d + 1 for k, d in zip(w.shape[3:], conv.dilations)]
+        dil = w.new_zeros((*w.shape[:3], *size))
+        dil[(slice(None),) * 3 + tuple(slice(None, None, d) for d in conv.dilations)] = w
+        w = dil
+    return w
+
+
+def adjoint_grid(conv) -> list[int]:
+    """Spatial size of the grid the (adjoint) plain convolution reads: the padded input, or the
+    uncropped output of a transposed convolution."""
+    if conv.transposed:
+        return [o + b + e for o, b, e in zip(conv.out_shape[2:], conv.begins, conv.ends)]
+    return [n + b + e for n, b, e in zip(conv.in_shape[2:], conv.begins, conv.ends)]
+
+
+def circular_conv_norm(kernel: torch.Tensor, grid: list[int], strides: tuple[int, ...]) -> tuple[float, bool]:
+    """Exact l2 norm of the circular convolution (cross-correlation) with ``kernel`` of shape
+    (g, c_out, c_in, *k) per group, stride ``strides``, on a periodic grid ``grid`` (each
+    divisible by its stride and at least the kernel size): the largest over groups and
+    frequencies of the singular values of the polyphase spectrum: (value, exact), where a value
+    that is not exact is a proven upper bound within GRAM_TOL of the norm (see max_singular)."""
+    nd = len(grid)
+    if any(n % s for n, s in zip(grid, strides)) or any(n < k for n, k in zip(grid, kernel.shape[3:])):
+        raise ValueError(f"grid {grid} must be divisible by the strides {strides} and hold the kernel {tuple(kernel.shape[3:])}")
+    w = kernel.to(current_device(), torch.float64)
+    g, co, ci = w.shape[:3]
+    # polyphase: kernel tap t = s a + b -> input channel (c, b), tap a
+    ks = [-(-k // s) * s for k, s in zip(w.shape[3:], strides)]
+    w = torch.nn.functional.pad(w, [p for k, kk in zip(reversed(w.shape[3:]), reversed(ks)) for p in (0, kk - k)])
+    shape = [g, co, ci]
+    for kk, s in zip(ks, strides):
+        shape += [kk // s, s]
+    w = w.reshape(shape)
+    # (g, co, ci, a1, b1, a2, b2, ...) -> (g, co, ci, b1, b2, ..., a1, a2, ...)
+    perm = [0, 1, 2] + [4 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)]
+    phases = math.prod(strides)
+    w = w.permute(perm).reshape(g, co, ci * phases, *[kk // s for kk, s in zip(ks, strides)])
+    small = [n // s for n, s in zip(grid, strides)]
+    dims = tuple(range(3, 3 + nd))
+    # a real kernel's spectrum is conjugate-symmetric: half the frequencies on the last axis
+    spec = torch.fft.rfftn(w, s=small, dim=dims)
+    blocks = spec.reshape(g, co, ci * phases, -1).permute(0, 3, 1, 2).reshape(-1, co, ci * phases).contiguous()
+    return max_singular(blocks)
+
+
+def circular_embedding_bound(conv) -> tuple[float, bool]:
+    """Proven l2 bound of a zero-padded (strided, dilated, grouped, transposed) convolution: the
+    exact norm of the circular convolution on the smallest periodic grid that holds its padded
+    input and is divisible by the strides (see the module docstring)."""
+    kernel = grouped_kernel(conv)
+    grid = [max(-(-n // s) * s, -(-k // s) * s) for n, s, k in zip(adjoint_grid(conv), conv.strides, kernel.shape[3:])]
+    return circular_conv_norm(kernel, grid, conv.strides)
+
+
+# --- exact routes -------------------------------------------------------------------------------
+def _one_by_one_norm(conv) -> tuple[float, bool] | None:
+    """Exact norm of a 1x1 convolution, or None when the kernel is larger or the layer could
+    leave every input position out."""
+    kernel = grouped_kernel(conv)
+    if any(k != 1 for k in kernel.shape[3:]):
+        return None
+    if conv.transposed:
+        if any(conv.begins) or any(conv.ends):
+            return None
+    else:  # some output must read a real input position along every axis
+        for n, s, b, o in zip(conv.in_shape[2:], conv.strides, conv.begins, conv.out_shape[2:]):
+            if not any(0 <= j * s - b < n for j in range(o)):
+                return None
+    return max_singular(kernel.reshape(*kernel.shape[:3]).to(current_device()))
+
+
+def _dense_cost(conv) -> tuple[float, int]:
+    g = conv.groups
+    n_in, n_out = conv.in_dim // g, conv.out_dim // g
+    lo, hi = min(n_in, n_out), max(n_in, n_out)
+    return g * lo * lo * hi, g * n_in * n_out
+
+
+def dense_is_cheap(conv) -> bool:
+    flops, entries = _dense_cost(conv)
+    return flops <= DENSE_FLOPS and entries <= DENSE_ENTRIES
+
+
+def grouped_dense_norm(conv) -> tuple[float, bool]:
+    """Exact l2 norm from the dense matrix of every group, all groups probed at once: a unit
+    vector in one input channel of every group at the same position gives one column of each
+    group's matrix (groups do not interact)."""
+    g = conv.groups
+    c_in = conv.in_shape[1]
+    ci = c_in // g
+    spatial = conv.in_shape[2:]
+    m = math.prod(spatial)
+    device = current_device()
+    probes = torch.zeros((ci * m, *conv.in_shape), dtype=torch.float64, device=device)
+    idx = torch.arange(ci * m, device=device)
+    local, pos = idx // m, idx % m
+    view = probes.reshape(ci * m, conv.in_shape[0], g, ci, m)
+    view[idx, 0, :, local, pos] = 1.0
+    weight = conv.weight.to(device)
+    with torch.no_grad():
+        out = conv._conv(probes, weight)  # (ci*m, 1, C_out, *out_spatial)
+    co = conv.out_shape[1] // g
+    cols = out.reshape(ci * m, g, co * math.prod(conv.out_shape[2:]))  # per group: column index, rows
+    mats = cols.permute(1, 2, 0)  # (g, rows, cols)
+    return max_singular(mats)
+
+
+def conv_l2(conv) -> tuple[float, bool, str]:
+    """(value, exact, how) for the l2 norm of a Conv: exact for 1x1 kernels and small layers,
+    otherwise the circular-embedding bound."""
+    one = _one_by_one_norm(conv)
+    if one is not None:
+        value, exact = one
+        return value, exact, "1x1 kernel: ||W||" + ("" if exact else f" (gram iteration, within {GRAM_TOL:g})")
+    if conv.in_shape[0] == 1 and dense_is_cheap(conv):
+        value, exact = grouped_dense_norm(conv)
+        how = "dense svd" if conv.groups == 1 else "dense svd per group"
+        return value, exact, how if exact else f"dense, gram iteration (within {GRAM_TOL:g})"
+    value, _ = circular_embedding_bound(conv)
+    return value, False, "circular embedding (fft, polyphase)"

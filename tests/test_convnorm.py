@@ -1,0 +1,151 @@
+"""Convolution norms without dense matrices (lipcert/graph/convnorm.py), against dense SVDs.
+
+Soundness: every proven value >= the exact norm of the dense matrix. Tightness: the values the
+per-layer table reports are within 1% of it (exact for 1x1 and small layers); the circular
+embedding bound is exact for circular convolutions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipcert.graph import convnorm
+from lipcert.graph.linear import Composed, Conv, Pad, Scale, as_conv
+
+SAFE = 1 + 1e-9  # rounding allowance of the dense reference
+# (c_in, c_out, n, k, stride, dilation, groups, pad)
+ZERO_PADDED = [
+    (2, 3, 5, 3, 1, 1, 1, 1), (4, 4, 6, 3, 2, 1, 2, 1), (3, 5, 7, 2, 2, 1, 1, 0), (2, 2, 7, 3, 1, 2, 1, 2),
+    (4, 4, 6, 3, 1, 1, 4, 1), (3, 4, 6, 5, 2, 1, 1, 2), (3, 4, 5, 4, 3, 1, 1, 1), (6, 4, 8, 3, 1, 1, 2, 1),
+]
+TRANSPOSED = [(3, 2, 4, 3, 2, 1, 1, 1), (4, 4, 5, 4, 2, 2, 1, 0), (2, 3, 3, 3, 1, 1, 0, 0)]  # (ci, co, n, k, s, g, pad, out_pad)
+
+
+def exact(op) -> float:
+    return float(np.linalg.norm(op._dense, 2))
+
+
+def circular_dense(w: torch.Tensor, ci: int, n: int, stride: int, dilation: int, groups: int) -> np.ndarray:
+    keff = (w.shape[-1] - 1) * dilation + 1
+    size = ci * n * n
+    eye = torch.eye(size, dtype=torch.float64).reshape(size, ci, n, n)
+    wrapped = F.pad(eye, (0, keff - 1, 0, keff - 1), mode="circular")
+    y = F.conv2d(wrapped, w, stride=stride, dilation=dilation, groups=groups)[..., : n // stride, : n // stride]
+    return y.reshape(size, -1).T.numpy()
+
+
+@pytest.mark.parametrize("ci,co,n,k,s,d,g", [(2, 3, 6, 3, 1, 1, 1), (4, 4, 8, 3, 2, 1, 2), (3, 5, 6, 2, 2, 1, 1),
+                                              (2, 2, 9, 3, 3, 1, 1), (4, 6, 8, 3, 1, 2, 2), (3, 4, 6, 5, 2, 1, 1)])
+def test_circular_convolution_norm_is_exact(ci, co, n, k, s, d, g):
+    rng = np.random.default_rng(k * 100 + n)
+    w = torch.from_numpy(rng.normal(size=(co, ci // g, k, k)))
+    ref = float(np.linalg.norm(circular_dense(w, ci, n, s, d, g), 2))
+    conv = Conv((1, ci, n, n), w.numpy(), (s, s), (0, 0, 0, 0), (d, d), g)
+    value, _ = convnorm.circular_conv_norm(convnorm.grouped_kernel(conv), [n, n], (s, s))
+    assert ref <= value * SAFE
+    assert value <= ref * (1 + 1e-6)
+
+
+def test_circular_norm_of_large_blocks_through_gram_iteration():
+    """Blocks wider than SVD_SIZE: the Gram-iteration bound is sound and within GRAM_TOL."""
+    rng = np.random.default_rng(3)
+    w = torch.from_numpy(rng.normal(size=(1, 80, 72, 3, 3)))
+    value, exact_flag = convnorm.circular_conv_norm(w, [5, 5], (1, 1))
+    spec = torch.fft.fftn(w[0], s=[5, 5], dim=(2, 3)).permute(2, 3, 0, 1).reshape(-1, 80, 72)
+    ref = float(torch.linalg.svdvals(spec)[:, 0].max())
+    assert not exact_flag
+    assert ref <= value * SAFE <= ref * (1 + 2 * convnorm.GRAM_TOL)
+
+
+@pytest.mark.parametrize("ci,co,n,k,s,d,g,p", ZERO_PADDED)
+def test_zero_padded_bounds_are_sound_and_reported_values_tight(ci, co, n, k, s, d, g, p):
+    rng = np.random.default_rng(ci * 10 + n)
+    conv = Conv((1, ci, n, n), rng.normal(size=(co, ci // g, k, k)), (s, s), (p, p, p, p), (d, d), g)
+    ref = exact(conv)
+    assert ref <= convnorm.circular_embedding_bound(conv)[0] * SAFE  # the large-layer route
+    value, is_exact, how = conv.norm_bound("2")
+    assert ref <= value * SAFE <= ref * 1.01, how
+    dense_value, dense_exact = convnorm.grouped_dense_norm(conv)  # all groups probed at once
+    assert ref <= dense_value * SAFE <= ref * (1 + (4e-9 if dense_exact else 2 * convnorm.GRAM_TOL))
+
+
+@pytest.mark.parametrize("ci,co,n,k,s,g,p,op", TRANSPOSED)
+def test_transposed_convolutions(ci, co, n, k, s, g, p, op):
+    rng = np.random.default_rng(n + k)
+    conv = Conv((1, ci, n, n), rng.normal(size=(ci, co // g, k, k)), (s, s), (p, p, p, p), (1, 1), g,
+                transposed=True, output_padding=(op, op))
+    ref = exact(conv)
+    assert ref <= convnorm.circular_embedding_bound(conv)[0] * SAFE
+    value, _, how = conv.norm_bound("2")
+    assert ref <= value * SAFE <= ref * 1.01, how
+
+
+@pytest.mark.parametrize("stride,pad", [(1, 0), (2, 0), (2, 1)])
+def test_one_by_one_is_exact(stride, pad):
+    rng = np.random.default_rng(stride)
+    conv = Conv((1, 4, 5, 5), rng.normal(size=(6, 4, 1, 1)), (stride, stride), (pad,) * 4, (1, 1))
+    value, is_exact, how = conv.norm_bound("2")
+    assert is_exact and "1x1" in how
+    assert value == pytest.approx(exact(conv), rel=1e-12)
+
+
+def test_large_layer_bound_against_witness():
+    """A layer too large for the dense route: the bound is >= a witnessed ||A v|| / ||v||."""
+    rng = np.random.default_rng(5)
+    conv = Conv((1, 32, 24, 24), rng.normal(size=(32, 32, 3, 3)), (1, 1), (1, 1, 1, 1), (1, 1))
+    assert not convnorm.dense_is_cheap(conv)
+    value, is_exact, how = conv.norm_bound("2")
+    assert not is_exact and "circular" in how
+    v = torch.randn((1, *conv.in_shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for _ in range(60):
+        v = conv.adjoint(conv.apply(v))
+        v = v / v.norm()
+    witnessed = float(conv.apply(v).norm())
+    assert witnessed <= value
+    assert value <= witnessed * 1.05  # a 24x24 grid: the circular embedding is close
+
+
+def test_batch_norm_and_padding_fold_into_the_kernel():
+    rng = np.random.default_rng(7)
+    conv = Conv((1, 4, 6, 6), rng.normal(size=(5, 4, 3, 3)), (1, 1), (0, 0, 0, 0), (1, 1))
+    ops = [Scale((1, 4, 4, 4), rng.normal(size=(1, 4, 1, 1))), Pad((1, 4, 4, 4), (0, 0, 1, 1), (0, 0, 1, 1)), conv,
+           Scale((1, 5, 4, 4), rng.normal(size=(1, 5, 1, 1)))]
+    comp = Composed(ops)
+    folded = as_conv(comp)
+    assert folded is not None
+    x = torch.randn((3, 1, 4, 4, 4), dtype=torch.float64)
+    assert torch.allclose(comp.apply(x), folded.apply(x), atol=1e-12)
+    for p in ("2", "inf", "1"):
+        value, is_exact, _ = comp.norm_bound(p)
+        assert is_exact
+        assert value == pytest.approx(float(np.linalg.norm(comp._dense, {"2": 2, "inf": np.inf, "1": 1}[p])), rel=1e-9)
+    # a scale that varies over space is not a channel scale: no folding
+    assert as_conv(Composed([conv, Scale((1, 5, 4, 4), rng.normal(size=(1, 5, 4, 4)))])) is None
+
+
+def test_cuda_request_falls_back_to_cpu():
+    with convnorm.on_device("cuda") as notes:
+        assert convnorm.current_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        assert notes and "CPU" in notes[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+@pytest.mark.parametrize("method", ["naive", "gram", "power"])
+def test_device_cuda_falls_back_with_a_note(method):
+    import json
+
+    from click.testing import CliRunner
+
+    from lipcert.cli import main
+
+    out = CliRunner().invoke(main, ["bound", "models/cnn_bars.onnx", "--method", method, "--device", "cuda", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)["results"][0]
+    assert result["settings"]["device"] == "cuda"
+    assert any("CPU" in w for w in result["warnings"])
+    ref = CliRunner().invoke(main, ["bound", "models/cnn_bars.onnx", "--method", method, "--json"])
+    assert json.loads(ref.output)["results"][0]["value"] == pytest.approx(result["value"], rel=1e-12)
