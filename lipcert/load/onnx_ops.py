@@ -456,17 +456,26 @@ def clip(ctx, node, attrs, name):
     _activation(ctx, node, name, "clip", min=lo, max=hi)
 
 
+def _reduced_axes(ctx, node, attrs, shape: tuple[int, ...], axes) -> tuple[list[int], list[int]] | None:
+    """(reduced axes, kept axes) of a Reduce* node, sorted and non-negative; None when the node is
+    an identity (no axes and noop_with_empty_axes), which is then aliased to its input."""
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            ctx.alias(node.output[0], node.input[0])
+            return None
+        axes = range(len(shape))
+    axes = sorted({int(a) % len(shape) for a in axes})
+    return axes, [i for i in range(len(shape)) if i not in axes]
+
+
 def _reduce_linear(ctx, node, attrs, name, axes, mean: bool):
     """ReduceSum / ReduceMean: a permutation and reshape that gather the reduced axes, then one
     row of ones (or 1/n) applied along them; a linear map."""
     shape = ctx.shape(node.input[0])
-    if not axes:
-        if attrs.get("noop_with_empty_axes", 0):
-            ctx.alias(node.output[0], node.input[0])
-            return
-        axes = range(len(shape))
-    axes = sorted({int(a) % len(shape) for a in axes})
-    keep = [i for i in range(len(shape)) if i not in axes]
+    reduced = _reduced_axes(ctx, node, attrs, shape, axes)
+    if reduced is None:
+        return
+    axes, keep = reduced
     perm = tuple(keep + axes)
     moved = tuple(shape[i] for i in perm)
     n = int(np.prod([shape[i] for i in axes]))
@@ -530,13 +539,10 @@ def _add_sort(ctx, node, name: str, src: str, shape: tuple[int, ...], axis: int,
 
 def _reduce_extremum(ctx, node, attrs, name, axes, largest: bool):
     shape = ctx.shape(node.input[0])
-    if not axes:
-        if attrs.get("noop_with_empty_axes", 0):
-            ctx.alias(node.output[0], node.input[0])
-            return
-        axes = range(len(shape))
-    axes = sorted({int(a) % len(shape) for a in axes})
-    keep = [i for i in range(len(shape)) if i not in axes]
+    reduced = _reduced_axes(ctx, node, attrs, shape, axes)
+    if reduced is None:
+        return
+    axes, keep = reduced
     final = tuple(1 if i in axes else n for i, n in enumerate(shape)) if attrs.get("keepdims", 1) else tuple(shape[i] for i in keep)
     src, cur, axis = ctx.var(node.input[0]), shape, axes[0]
     if len(axes) > 1:  # bring the reduced axes together at the end: a permutation and a reshape (isometries)
