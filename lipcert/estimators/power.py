@@ -24,11 +24,14 @@ def power_iteration(
     iterations: int,
     seed: int = 0,
     tol: float = 1e-12,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
 ) -> tuple[float, torch.Tensor]:
     """Top singular value of a linear map given by ``apply``/``adjoint`` on batches, and its
-    right singular vector (shape ``shape``). Converges from below: the value is an estimate."""
+    right singular vector (shape ``shape``), iterating in ``dtype`` on ``device``. Converges
+    from below: the value is an estimate."""
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn((1, *shape), generator=gen, dtype=torch.float64)
+    v = torch.randn((1, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
     v /= v.norm()
     sigma = 0.0
     with torch.no_grad():
@@ -61,24 +64,11 @@ def layer_power(lin: LinearOp, iterations: int, seed: int, device: str = "cpu") 
     w32 = conv.weight.to(dev, torch.float32)
     apply32 = lambda x: conv._conv(x, w32)  # noqa: E731
     adjoint32 = lambda y: vjp_linear(apply32, conv.in_shape, y)  # noqa: E731
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn((1, *conv.in_shape), generator=gen, dtype=torch.float64).to(dev, torch.float32)
-    v /= v.norm()
-    sigma = 0.0
+    # float32 cannot settle below ~1e-7: stop at 1e-6
+    _, v = power_iteration(apply32, adjoint32, conv.in_shape, iterations, seed, tol=1e-6, dtype=torch.float32, device=dev)
+    v64 = v.to("cpu", torch.float64).unsqueeze(0)
+    v64 /= v64.norm().clamp_min(1e-300)
     with torch.no_grad():
-        for _ in range(iterations):
-            u = apply32(v)
-            new_sigma = float(u.norm())
-            w = adjoint32(u)
-            norm = float(w.norm())
-            if new_sigma == 0.0 or norm == 0.0:
-                break
-            v = w / norm
-            if abs(new_sigma - sigma) <= 1e-6 * new_sigma:
-                break
-            sigma = new_sigma
-        v64 = v.to("cpu", torch.float64)
-        v64 /= v64.norm()
         return float(lin.apply(v64).norm()), v64[0]
 
 
