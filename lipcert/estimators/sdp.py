@@ -515,11 +515,12 @@ class LipSDP:
             # inequality is tight in many directions: on a network that is 1-Lipschitz by
             # construction the float64 proof needs a visible margin, and the plain product is smaller
             plain = graph.merge_linear()
-            product = node_lipschitz_bounds(plain, "2")[0][plain.output]
+            totals, plain_layers = node_lipschitz_bounds(plain, "2")
+            product = totals[plain.output]
             if product < value:
                 warnings.append(f"the product of the layer norms ({product:.6g}) is smaller than the verified LipSDP bound "
                                 f"({value:.6g}) on this network with sorting layers: it is reported")
-                value, layers = product, node_lipschitz_bounds(plain, "2")[1]
+                value, layers = product, plain_layers
         if n_sdp == 0:
             hows = sorted({layer.how for layer in layers})
             warnings.append(f"no activation between linear layers: the bound is the linear map's norm ({', '.join(hows)}), as in naive")
