@@ -50,8 +50,9 @@ def test_circular_convolution_norm_is_exact(ci, co, n, k, s, d, g):
 
 
 def test_circular_norm_of_large_blocks_through_the_gram_eigenvalue():
-    """Blocks wider than SVD_SIZE (largest eigenvalue of each block's Gram matrix): sound and
-    equal to the SVD's value up to the rounding allowance."""
+    """Many blocks wider than SVD_SIZE: the top eigenvalue of the likely largest blocks' Gram
+    matrices, proven for the others by Cholesky: sound and equal to the SVD's value up to the
+    rounding allowance."""
     rng = np.random.default_rng(3)
     w = torch.from_numpy(rng.normal(size=(1, 80, 72, 3, 3)))
     value, exact_flag = convnorm.circular_conv_norm(w, [5, 5], (1, 1))
@@ -59,6 +60,48 @@ def test_circular_norm_of_large_blocks_through_the_gram_eigenvalue():
     ref = float(torch.linalg.svdvals(spec)[:, 0].max())
     assert exact_flag
     assert ref <= value * SAFE <= ref * (1 + 4e-9)
+
+
+@pytest.mark.parametrize("complex_blocks", [False, True])
+def test_few_large_blocks_are_exact(complex_blocks):
+    rng = np.random.default_rng(4)
+    mats = torch.from_numpy(rng.normal(size=(3, 90, 70)))
+    if complex_blocks:
+        mats = mats + 1j * torch.from_numpy(rng.normal(size=(3, 90, 70)))
+    value, exact_flag = convnorm.max_singular(mats)
+    ref = float(torch.linalg.svdvals(mats)[:, 0].max())
+    assert exact_flag
+    assert ref <= value * SAFE <= ref * (1 + 4e-9)
+
+
+@pytest.mark.parametrize("spread", [0.0, 1e-7, 1e-3])
+def test_cholesky_certificate_is_sound_on_clustered_spectra(spread):
+    """Blocks whose top eigenvalues are equal or nearly so (the hard case for the estimate): the
+    proven value is never below the largest singular value."""
+    rng = np.random.default_rng(11)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 72, 72)) + 1j * rng.normal(size=(8, 72, 72)))
+    sing = np.sort(rng.uniform(0.1, 1.0, size=(8, 72)))
+    sing[:, -8:] = 1.0 - spread * np.arange(8)[::-1]
+    mats = torch.from_numpy(q * sing[:, None, :] @ np.conj(np.swapaxes(q, 1, 2)))
+    value, _ = convnorm.max_singular(mats)
+    ref = float(torch.linalg.svdvals(mats)[:, 0].max())
+    assert ref <= value * SAFE <= ref * (1 + 4e-9)
+
+
+@pytest.mark.parametrize("misrank", ["reversed", "flat"])
+def test_cholesky_certificate_falls_back_when_the_ranking_is_wrong(monkeypatch, misrank):
+    """Estimates that rank the blocks wrongly (the true largest last, or all equal): the blocks
+    above the solved one fail their factorisation and get an eigensolve, so the value is still
+    the true top."""
+    rng = np.random.default_rng(12)
+    a = torch.from_numpy(rng.normal(size=(10, 70, 70)) * np.linspace(0.5, 1.5, 10)[:, None, None])
+    gram = a.mT @ a
+    tops = torch.linalg.eigvalsh(gram)[:, -1]
+    wrong = -tops if misrank == "reversed" else torch.ones_like(tops)
+    monkeypatch.setattr(convnorm, "_ritz_estimates", lambda g: wrong)
+    value = convnorm._top_eig_certified(gram)
+    true_top = float(tops.max())
+    assert true_top <= value * SAFE <= true_top * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("ci,co,n,k,s,d,g,p", ZERO_PADDED)
