@@ -279,30 +279,24 @@ def info(model: str, input_shape, as_json: bool, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def ops(as_json: bool) -> None:
     """List the ONNX ops lipcert can load and bound."""
-    from .load import supported_ops
+    from .catalog import OPS  # a copy of the converter registry: no onnx or torch import
 
-    names = supported_ops()
-    click.echo(json.dumps(names) if as_json else "\n".join(names))
+    click.echo(json.dumps(list(OPS)) if as_json else "\n".join(OPS))
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 def methods(as_json: bool) -> None:
-    """List the bounding methods (in order of preference) and the installed cvxpy solvers."""
-    from .api import methods as list_methods
+    """List the bounding methods (in order of preference) and the SDP solvers for --method sdp."""
+    from .catalog import METHODS, sdp_solvers  # copies of the registries: no torch or cvxpy import
 
-    try:
-        import cvxpy
-
-        solvers = sorted(cvxpy.installed_solvers())
-    except Exception:  # pragma: no cover - cvxpy is a dependency
-        solvers = []
+    solvers = sdp_solvers()
     if as_json:
-        click.echo(json.dumps({"methods": list_methods(), "cvxpy_solvers": solvers}))
+        click.echo(json.dumps({"methods": METHODS, "sdp_solvers": ["lipcert-fast", *solvers]}))
         return
-    for name, text in list_methods().items():
+    for name, text in METHODS.items():
         click.echo(f"{name:<10} {text}")
-    click.echo(f"\ncvxpy solvers installed: {', '.join(solvers) or 'none'}")
+    click.echo(f"\nSDP solvers (--solver): lipcert-fast (built in, the default){''.join(', ' + s for s in solvers)}")
 
 
 @main.command()

@@ -53,6 +53,34 @@ def test_info_and_ops_and_methods():
     assert res.exit_code == 0 and "naive" in res.stdout
 
 
+def test_ops_and_methods_tables_match_their_registries():
+    """`lipcert ops` and `methods` print static copies (lipcert/catalog.py) so that they need not
+    import onnx, torch and cvxpy; the copies must equal the live registries (if this fails:
+    `python -m lipcert.catalog` prints the fresh tables)."""
+    import cvxpy
+
+    from lipcert import catalog
+    from lipcert.api import methods
+    from lipcert.load import supported_ops
+
+    assert list(catalog.OPS) == supported_ops()
+    assert catalog.METHODS == methods()
+    installed = set(cvxpy.installed_solvers())
+    assert set(catalog.sdp_solvers()) == installed & set(catalog.SDP_SOLVER_MODULES)
+    assert json.loads(run("methods", "--json").stdout)["sdp_solvers"][0] == "lipcert-fast"
+
+
+def test_ops_and_methods_do_not_import_the_heavy_packages():
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from lipcert.cli import main; "
+            "[CliRunner().invoke(main, [c]) for c in ('ops', 'methods', '--help')]; "
+            "print(sorted(m for m in ('torch', 'onnx', 'cvxpy', 'onnxruntime', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def _error(res, *needles: str) -> None:
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output
