@@ -23,7 +23,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg
 
 from ..graph import Activation, Affine, Graph
 from .base import SAFETY
@@ -150,6 +149,8 @@ def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Ve
     C = problem.assemble(lams)
     n0 = problem.widths[0]
     C11, C12, C22 = C[:n0, :n0], C[:n0, n0:], C[n0:, n0:]
+    import scipy.linalg  # here: `lipcert bound` with other methods need not wait for scipy
+
     try:
         chol = scipy.linalg.cho_factor(-C22, lower=True, check_finite=False)
     except (np.linalg.LinAlgError, ValueError):
