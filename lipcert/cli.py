@@ -302,14 +302,14 @@ def methods(as_json: bool) -> None:
 @main.command()
 @model_options
 @click.option("--norm", "-p", type=click.Choice(["2", "inf"]), default="2", show_default=True, help="Vector norm on input and output.")
-@click.option("--starts", type=click.IntRange(min=1), default=64, show_default=True, help="Points improved at once (16x as many are screened first).")
+@click.option("--starts", type=click.IntRange(min=1), default=None, help="Points improved at once (4-16x as many are screened first)  [default: 64, fewer for networks too large to search in about half a minute]")
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Ascent steps per point  [default: 200 for dense networks, 50 with convolutions or pooling]")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Where the search runs; cuda falls back to the CPU with a warning.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="An .npz file whose array x holds inputs to start from.")
 @output_options
 @friendly_errors
-def lower(model: str, input_shape, norm: str, starts: int, steps: int | None, seed: int, device: str, data: str | None, as_json: bool, quiet: bool) -> None:
+def lower(model: str, input_shape, norm: str, starts: int | None, steps: int | None, seed: int, device: str, data: str | None, as_json: bool, quiet: bool) -> None:
     """A witnessed lower bound on the Lipschitz constant of MODEL.
 
     Searches for inputs x, y where the network stretches most; the value printed is

@@ -42,7 +42,7 @@ class Settings:
     solver: str | None = None  # cvxpy solver name for LipSDP
     sdp_variant: str = "neuron"
     device: str = "cpu"
-    starts: int = 64  # lower-bound search starts
+    starts: int | None = None  # lower-bound search starts (None: 64, fewer for large networks)
     steps: int | None = None  # lower-bound ascent steps (None: 200 for dense networks, 50 with convolutions)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -50,7 +50,8 @@ class Settings:
         self.norm = normalize_norm(self.norm, "Settings")
         check_range("Settings", "seed", self.seed, 0)
         check_range("Settings", "iterations", self.iterations, 1)
-        check_range("Settings", "starts", self.starts, 1)
+        if self.starts is not None:
+            check_range("Settings", "starts", self.starts, 1)
         if self.steps is not None:
             check_range("Settings", "steps", self.steps, 0)
         check_choice("Settings", "sdp_variant", self.sdp_variant, ("neuron", "layer"))

@@ -172,3 +172,51 @@ def test_cuda_search_gives_a_valid_witness():
     r = lipcert.lower_bound(graph, device="cuda", **FAST)
     assert r.details["device"].startswith("cuda") and not r.warnings
     check_witness(graph, r.witness, r.value)
+
+
+# --- search sized to the network --------------------------------------------------------------------
+def _conv_net(width: int, size: int, outputs: int = 10) -> lipcert.Graph:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(width * size * size, outputs)).double()
+    return lipcert.load(module, (1, 3, size, size))
+
+
+def test_small_networks_get_the_full_default_search():
+    from lipcert.config import Settings
+    from lipcert.estimators.lower import DEFAULT_STARTS, PROPOSALS, plan_search
+
+    graph = _conv_net(4, 8)
+    starts, steps, proposals, _, note = plan_search(graph, Settings(), torch.device("cpu"))
+    assert (starts, steps, proposals, note) == (DEFAULT_STARTS, 50, PROPOSALS, None)
+
+
+def test_large_networks_get_a_search_that_fits_the_work_budget(monkeypatch):
+    """A network whose full default search would exceed SEARCH_FLOPS gets fewer starts and steps
+    and a note; the user's --starts is kept as given."""
+    from lipcert.config import Settings
+    from lipcert.estimators import lower
+
+    graph = _conv_net(16, 16)
+    full = lower.search_work(graph, 64, 50, lower.PROPOSALS)
+    monkeypatch.setitem(lower.SEARCH_FLOPS, "cpu", full / 20)
+    starts, steps, proposals, screen, note = lower.plan_search(graph, Settings(), torch.device("cpu"))
+    assert starts < 64 and steps < 50 and proposals == 1 and note and "--starts" in note
+    assert lower.search_work(graph, starts, steps, proposals, screen) <= full / 20
+    assert lower.plan_search(graph, Settings(starts=64), torch.device("cpu"))[:3] == (64, 50, lower.PROPOSALS)
+    r = lipcert.lower_bound(graph, steps=3)  # sized starts, the user's steps; still a witnessed value
+    assert r.settings["steps"] == 3 and r.settings["starts"] < 64 and any("large" in w for w in r.warnings)
+    assert r.value <= lipcert.bound(graph, method="naive").value
+
+
+def test_power_norm_for_many_outputs_is_below_and_near_the_exact_norm():
+    from lipcert.estimators.lower import graph_copy, jacobian, jacobian_norm, network, power_norm
+
+    graph = graph_copy(_conv_net(4, 6, outputs=100), torch.float64, torch.device("cpu"))
+    f = network(graph)
+    x = torch.randn((3, 3, 6, 6), dtype=torch.float64, generator=torch.Generator().manual_seed(1)).reshape(3, 1, 3, 6, 6)
+    exact, _, _ = jacobian_norm(jacobian(f, x, 100), "2")
+    est, v, _ = power_norm(f, x, 100)
+    assert bool((est <= exact * (1 + 1e-9)).all()) and bool((est >= 0.9 * exact).all())
+    assert torch.allclose(v.norm(dim=1), torch.ones(3, dtype=torch.float64))

@@ -50,7 +50,7 @@ from ..config import Settings
 from ..data import input_batch, load_npz
 from ..errors import InputError
 from ..graph import Activation, Affine, Graph, MaxPool
-from ..graph.linear import AvgPool, Composed, Conv
+from ..graph.linear import AvgPool, Composed, Conv, LinearOp, MatMul
 from ..result import Result
 from ..witness import check_witness, recompute
 from .base import register
@@ -216,8 +216,31 @@ def jacobian_norm(jac: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Ten
     return val, w / val.clamp_min(1e-300).unsqueeze(1), u
 
 
+POWER_OUTPUTS, POWER_STEPS = 64, 12  # l2 with more outputs than this: power steps, not the full J
+
+
+def power_norm(f: Fn, x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """jacobian_norm for l2 by POWER_STEPS power steps on J J^T per point (three passes each)
+    instead of m backward passes: ||J^T u|| <= ||J||, converging from below."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn((len(x), m), generator=gen, dtype=torch.float64).to(x.device, x.dtype)
+    u = u / u.norm(dim=1, keepdim=True)
+    for _ in range(POWER_STEPS):
+        _, _, u = ascent_direction(f, x, u, "2")
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad((f(xr) * u).sum(), xr)
+    w = g.flatten(1)
+    val = w.norm(dim=1)
+    return val, w / val.clamp_min(1e-300).unsqueeze(1), u
+
+
 def exact_norms(f: Fn, x: torch.Tensor, m: int, norm: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """jacobian_norm at every point of x, ``chunk`` points per backward pass."""
+    """jacobian_norm at every point of x, ``chunk`` points per backward pass (for l2 with more
+    than POWER_OUTPUTS outputs, the power_norm estimate)."""
+    if norm == "2" and m > POWER_OUTPUTS:
+        parts = [power_norm(f, x[i : i + chunk], m) for i in range(0, len(x), chunk)]
+        return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
     parts = [jacobian_norm(jacobian(f, x[i : i + chunk], m), norm) for i in range(0, len(x), chunk)]
     return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
@@ -295,6 +318,81 @@ def _chunk(graph: Graph, m: int, budget: int = 20_000_000) -> int:
 
 
 DENSE_STEPS, CONV_STEPS = 200, 50
+DEFAULT_STARTS = 64
+# Work of one default search, in floating-point operations: about 20 s of float32 convolutions
+# on 2 CPU cores (measured: 5-15 GFLOP/s through the smoothed network's double backward); a GPU
+# gets about 70x more. Larger networks get fewer starts, proposals
+# and steps (never below MIN_STARTS and MIN_STEPS); --starts and --steps override it.
+SEARCH_FLOPS = {"cpu": 3e11, "cuda": 2e13}
+MIN_STARTS, MIN_STEPS = 2, 8
+
+
+def _op_flops(op: LinearOp) -> float:
+    """Multiply-adds x 2 of one linear map on one point (data movement counted as one per number)."""
+    if isinstance(op, Conv):
+        ci = op.weight.shape[1] if not op.transposed else op.weight.shape[0] // op.groups
+        taps = int(np.prod(op.weight.shape[2:]))
+        return 2.0 * float(np.prod(op.out_shape if not op.transposed else op.in_shape)) * ci * taps
+    if isinstance(op, MatMul):
+        return 2.0 * float(np.prod(op.out_shape)) * op.weight.shape[1]
+    parts = getattr(op, "ops", None)
+    if parts:
+        return sum(_op_flops(p) for p in parts)
+    return float(op.in_dim + op.out_dim)
+
+
+def forward_flops(graph: Graph) -> float:
+    """Floating-point operations of one forward pass of one point (linear maps dominate)."""
+    return sum(_op_flops(n.lin) if isinstance(n, Affine) else float(np.prod(n.out_shape)) for n in graph.nodes)
+
+
+def jacobian_flops(graph: Graph, norm: str = "2") -> float:
+    """Operations of one point's exact_norms: a forward and m backward passes (a backward pass
+    costing about two forward ones), or the power steps."""
+    f, m = forward_flops(graph), max(graph.output_dim, 1)
+    if norm == "2" and m > POWER_OUTPUTS:
+        return f * 3 * (POWER_STEPS + 1)
+    return f * (1 + 2 * m)
+
+
+def search_work(graph: Graph, starts: int, steps: int, proposals: int, screen: int | None = None) -> float:
+    """Operations of a search: screening and refreshes take exact Jacobians (a forward pass and
+    m backward ones, a backward pass costing about two forward ones); every ascent step a smoothed
+    forward-backward pass with a power step, and a forward-backward probe per proposal."""
+    f, m = forward_flops(graph), max(graph.output_dim, 1)
+    jac = jacobian_flops(graph)
+    screen = (_screen_size(graph, m, starts) if screen is None else screen) * jac
+    ascent = steps * starts * 3 * f * (1 + proposals + 1)
+    refresh = -(-steps // REFRESH) * 2 * starts * jac
+    return screen + ascent + refresh
+
+
+def plan_search(graph: Graph, settings: Settings, device: torch.device) -> tuple[int, int, int, int, str | None]:
+    """(starts, steps, proposals, screened points, note): what the user asked for; by default 64
+    starts and resolve_steps() steps, shrunk until the search fits SEARCH_FLOPS (screening to a
+    third of it and one proposal first, then starts and steps together), with a note saying so."""
+    m = max(graph.output_dim, 1)
+    starts = settings.starts if settings.starts is not None else DEFAULT_STARTS
+    steps, proposals = resolve_steps(graph, settings.steps), PROPOSALS
+    screen = _screen_size(graph, m, starts)
+    budget = SEARCH_FLOPS["cuda" if device.type == "cuda" else "cpu"]
+    if settings.starts is not None or search_work(graph, starts, steps, proposals, screen) <= budget:
+        return starts, steps, proposals, screen, None
+    proposals = 1
+    jacobian = jacobian_flops(graph)
+    while True:
+        screen = max(starts, min(_screen_size(graph, m, starts), int(budget / 3 / jacobian)))
+        if search_work(graph, starts, steps, proposals, screen) <= budget:
+            break
+        if starts <= MIN_STARTS and (settings.steps is not None or steps <= MIN_STEPS):
+            break
+        starts = max(MIN_STARTS, starts // 2)
+        if settings.steps is None:
+            steps = max(MIN_STEPS, int(steps * 0.75))
+    work = search_work(graph, starts, steps, proposals, screen)
+    note = (f"the network is large for a full default search: {screen} points screened, {starts} starts, {steps} steps, "
+            f"{proposals} proposal per step (about {work:.1e} operations); give --starts and --steps for a longer search")
+    return starts, steps, proposals, screen, note
 
 
 def resolve_steps(graph: Graph, steps: int | None) -> int:
@@ -325,11 +423,12 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
     g = graph_copy(graph, dtype, device)
     real = network(g)
     chunk = _chunk(graph, m)
-    starts, steps = settings.starts, resolve_steps(graph, settings.steps)
+    starts, steps, proposals, n_screen, sized = plan_search(graph, settings, device)
+    if sized:
+        notes.append(sized)
     timer = {"start": time.perf_counter()}
 
     # 1. screening
-    n_screen = _screen_size(graph, m, starts)
     pool = starting_points(graph, n_screen, settings.seed).to(device, dtype)
     vals, _, us = exact_norms(real, pool, m, norm, chunk)
     order = torch.argsort(vals, descending=True)
@@ -364,10 +463,10 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
             adam = (mom / (1 - 0.9 ** (k + 1))) / ((sq / (1 - 0.999 ** (k + 1))).sqrt() + 1e-12)
             x = (x + LEARNING_RATE * (1 - 0.9 * frac) * scale * adam).detach()
             sigma = PROPOSAL_SCALES[0] * (PROPOSAL_SCALES[1] / PROPOSAL_SCALES[0]) ** frac
-            noise = torch.randn((PROPOSALS, *x.shape), generator=gen, dtype=torch.float64).to(device, dtype)
+            noise = torch.randn((proposals, *x.shape), generator=gen, dtype=torch.float64).to(device, dtype)
             cand = torch.cat([x.unsqueeze(0), best_x.unsqueeze(0) + sigma * scale * noise])
-            cu = torch.cat([u.unsqueeze(0), best_u.unsqueeze(0).expand(PROPOSALS, *best_u.shape)])
-            est = probe(real, cand.reshape(-1, *shape), cu.reshape(-1, m), norm).view(PROPOSALS + 1, b)
+            cu = torch.cat([u.unsqueeze(0), best_u.unsqueeze(0).expand(proposals, *best_u.shape)])
+            est = probe(real, cand.reshape(-1, *shape), cu.reshape(-1, m), norm).view(proposals + 1, b)
             probes += est.numel()
             top, idx = est.max(0)
             better = top > best_val
@@ -389,10 +488,13 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
     # 3. witnesses, in float64 on the loaded graph
     g64 = graph_copy(graph, torch.float64, device)
     cand_x = best_x.to(torch.float64)
+    if sized is not None:  # a large network: float64 Jacobians of the most promising points only
+        cand_x = cand_x[torch.argsort(best_val, descending=True)[:WITNESS_CANDIDATES]]
     vals64, dirs64, _ = exact_norms(network(g64), cand_x, m, norm, chunk)
     best: dict[str, Any] | None = None
-    for i in torch.argsort(vals64, descending=True)[:WITNESS_CANDIDATES].tolist():
-        w = witness_pair(graph, cand_x[i].cpu(), dirs64[i].reshape(shape).cpu(), norm)
+    n_witness = WITNESS_CANDIDATES if sized is None else 2  # each costs 38 float64 forward passes
+    for i in torch.argsort(vals64, descending=True)[:n_witness].tolist():
+        w = witness_pair(graph, cand_x[i].cpu(), dirs64[i].reshape(shape).cpu(), norm, WITNESS_STEPS if sized is None else WITNESS_STEPS[::2])
         w["jacobian_norm"] = float(vals64[i])
         if best is None or w["score"] > best["score"]:
             best = w
@@ -409,13 +511,16 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
         "time_ascent_s": timer["ascent"] - timer["screen"],
         "time_witness_s": timer["witness"] - timer["ascent"],
         "device": str(device),
+        "starts": starts,
+        "steps": steps,
+        "proposals": proposals,
         "search_dtype": str(dtype).removeprefix("torch."),
         "notes": notes,
     }
     return best, details
 
 
-def witness_pair(graph: Graph, x: torch.Tensor, v: torch.Tensor, norm: str) -> dict[str, Any]:
+def witness_pair(graph: Graph, x: torch.Tensor, v: torch.Tensor, norm: str, steps: torch.Tensor = WITNESS_STEPS) -> dict[str, Any]:
     """The best pair (x, x + t v) or (x - t v, x) over the grid of steps t, recomputed in float64.
 
     Each pair's ratio r is scored as r minus an estimate of its float64 rounding error, so that a
@@ -424,7 +529,7 @@ def witness_pair(graph: Graph, x: torch.Tensor, v: torch.Tensor, norm: str) -> d
     order = 2 if norm == "2" else math.inf
     if norm == "2":
         v = v / v.norm().clamp_min(1e-300)
-    t = (WITNESS_STEPS * (1.0 + float(x.abs().max()))).view(-1, *[1] * x.dim())
+    t = (steps * (1.0 + float(x.abs().max()))).view(-1, *[1] * x.dim())
     lo = torch.cat([x.expand_as(t * v), x - t * v])
     hi = torch.cat([x + t * v, x.expand_as(t * v)])
     with torch.no_grad():
@@ -445,7 +550,7 @@ def witness_pair(graph: Graph, x: torch.Tensor, v: torch.Tensor, norm: str) -> d
 
 
 # --- public API and registry -----------------------------------------------------------------------
-def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int | None = None, seed: int = 0, device: str = "cpu",
+def lower_bound(model: Any, norm: Any = 2, starts: int | None = None, steps: int | None = None, seed: int = 0, device: str = "cpu",
                 data: np.ndarray | str | Path | None = None, input_shape: tuple[int, ...] | None = None) -> Result:
     """A witnessed lower bound on the Lipschitz constant of ``model``.
 
@@ -453,8 +558,10 @@ def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int | None =
         model: path to an .onnx file, onnx.ModelProto, torch.nn.Module (with ``input_shape``) or Graph.
         norm: 2 or "inf" (the same vector norm on input and output).
         starts: points improved at once (4x as many, 16x for inputs of at most 64 numbers, are
-            screened first); steps: ascent steps (None: 200 for dense networks, 50 with convolutions
-            or pooling); seed: random seed (results are reproducible).
+            screened first); steps: ascent steps. None: 64 starts and 200 steps for dense networks,
+            50 with convolutions or pooling, fewer of both for networks too large to search that
+            long in about half a minute (the result's warnings say so); seed: random seed (results
+            are reproducible).
         device: "cpu", "cuda" (falls back to the CPU with a warning) or "auto".
         data: inputs to start from as well (an array in the input's shape, or an .npz file with ``x``).
         input_shape: the input shape, batch axis included, for torch modules or dynamic ONNX shapes.
@@ -472,7 +579,7 @@ def lower_bound(model: Any, norm: Any = 2, starts: int = 64, steps: int | None =
     from ..load import load
 
     for name, value, low in (("starts", starts, 1), ("steps", steps, 0), ("seed", seed, 0)):
-        if value is not None or name != "steps":
+        if value is not None or name == "seed":
             check_range("lower_bound", name, value, low)
     check_choice("lower_bound", "device", device, ("cpu", "cuda", "auto"))
     s = Settings(norm=normalize_norm(norm, "lower_bound"), starts=starts, steps=steps, seed=seed, device=device)
@@ -505,9 +612,9 @@ class LowerSearch:
         return Result(
             method=self.name, kind="lower", norm=settings.norm, value=value, certified=False,
             time_s=time.perf_counter() - start,
-            settings={"starts": settings.starts, "steps": resolve_steps(graph, settings.steps), "seed": settings.seed, "device": settings.device,
+            settings={"starts": details["starts"], "steps": details["steps"], "seed": settings.seed, "device": settings.device,
                       "data": data is not None, "search_dtype": details["search_dtype"],
                       "smoothing": f"softplus / log-sum-exp over {WIDTHS[0]:g} -> {WIDTHS[1]:g} x each node's input spread, geometric",
-                      "proposals": PROPOSALS, "learning_rate": LEARNING_RATE},
+                      "proposals": details["proposals"], "learning_rate": LEARNING_RATE},
             warnings=list(notes), model=graph.source, sha256=graph.sha256, witness=witness, details=details,
         )
