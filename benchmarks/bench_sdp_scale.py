@@ -99,7 +99,7 @@ def train_mlp(widths: list[int], act: str, seed: int = 0, steps: int = 300) -> l
 
 
 def load_problem(spec: dict):
-    from lipcert.estimators.sdp_problem import LipSDPProblem, problem_from_graph
+    from lipcert.sdp.problem import LipSDPProblem, problem_from_graph
 
     if spec["kind"] == "mlp":
         data = np.load(spec["path"])
@@ -117,7 +117,7 @@ def load_problem(spec: dict):
 
 
 def worker(spec: dict) -> dict:
-    from lipcert.estimators import lipsdp_fast
+    from lipcert.sdp import fast as lipsdp_fast
     from lipcert.estimators.sdp import verify_best
 
     problem = load_problem(spec)
@@ -159,12 +159,12 @@ def worker(spec: dict) -> dict:
 def _warm_up(method: str) -> None:
     """One tiny solve first, so that library loading (MKL, the cvxpy solver interface) is not
     charged to the first timed solve; the same for every method."""
-    from lipcert.estimators.sdp_problem import LipSDPProblem
+    from lipcert.sdp.problem import LipSDPProblem
 
     rng = np.random.default_rng(0)
     tiny = LipSDPProblem([rng.normal(size=(3, 2)), rng.normal(size=(2, 3))], [np.zeros(3)], [np.ones(3)])
     if method == "fast":
-        from lipcert.estimators import lipsdp_fast
+        from lipcert.sdp import fast as lipsdp_fast
 
         lipsdp_fast.solve(tiny)
     else:
@@ -308,7 +308,7 @@ def render(results: dict) -> str:
         f"Script: `python benchmarks/bench_sdp_scale.py` (date {mach.get('date', '?')}; {mach.get('cores', '?')} cores, "
         f"python {mach.get('python', '?')}, torch {mach.get('torch', '?')}, cvxpy {mach.get('cvxpy', '?')}; "
         f"the machine was shared with other jobs, load average {', '.join(f'{x:.1f}' for x in mach.get('load_avg_at_end', []))} at the end of the run). "
-        "Solver `lipcert-fast` is `lipcert.estimators.lipsdp_fast` (primal-dual interior point on the (rho, lambda) "
+        "Solver `lipcert-fast` is `lipcert.sdp.fast` (primal-dual interior point on the (rho, lambda) "
         "space with the rank-two structure of each multiplier, block-tridiagonal S, rescaled layers; one BLAS thread). "
         "The generic solvers run the project's cvxpy formulation (`sdp.solve_cvxpy`, layer-normalised) in separate "
         "processes with a hard time cap. Times are the solver call (problem construction included for cvxpy; "

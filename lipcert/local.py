@@ -430,7 +430,7 @@ def _local_sdp(chain: Chain, bounds: Bounds, lasts: list[np.ndarray]) -> list[fl
     last layer in ``lasts`` (a matrix, or a row for a margin)."""
     from .config import Settings
     from .estimators.sdp import solve_problem
-    from .estimators.sdp_problem import LipSDPProblem
+    from .sdp.problem import LipSDPProblem
 
     keeps = [np.maximum(np.abs(a), np.abs(b)) > 0 for a, b in zip(bounds.alphas, bounds.betas)]
     weights, alphas, betas = [], [], []

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lipcert
-from lipcert.estimators import lipsdp_fast
-from lipcert.estimators.sdp_problem import LipSDPProblem, expand_multipliers, problem_from_graph, verify
+from lipcert.sdp import fast as lipsdp_fast
+from lipcert.sdp.problem import LipSDPProblem, expand_multipliers, problem_from_graph, verify
 from conftest import SHARED_MODELS
 
 SLOPES = {"relu": (0.0, 1.0), "leaky": (0.1, 1.0), "tanh": (0.0, 1.0), "sigmoid": (0.0, 0.25)}

@@ -16,7 +16,7 @@ from lipcert.cli import format_results, main
 from lipcert.config import Settings
 from lipcert.estimators import ESTIMATORS
 from lipcert.estimators.sdp import pairwise_lipschitz, solve_cvxpy
-from lipcert.estimators.sdp_problem import LipSDPProblem, problem_from_graph, verify
+from lipcert.sdp.problem import LipSDPProblem, problem_from_graph, verify
 from conftest import MODELS, SHARED_MODELS
 from zoo import one_hidden_relu, single_linear
 
@@ -199,7 +199,7 @@ def test_bad_multipliers_are_rejected(spiral, monkeypatch):
 
 
 def test_fast_solver_failure_falls_back_to_a_generic_solver(spiral, monkeypatch):
-    from lipcert.estimators import lipsdp_fast
+    from lipcert.sdp import fast as lipsdp_fast
 
     def broken(problem, variant="neuron", **opts):
         raise RuntimeError("boom")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lipcert
-from lipcert.estimators.sdp_problem import LipSDPProblem, problem_from_graph, verify
+from lipcert.sdp.problem import LipSDPProblem, problem_from_graph, verify
 from zoo import one_hidden_relu, single_linear
 
 

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from ..config import Settings
+from ..config import SAFETY, Settings  # noqa: F401  (SAFETY: imported from here by the estimators)
 from ..graph import Graph
 from ..result import Result
 
-# Relative safety margin applied to every floating-point norm that enters a proven bound. The
-# backward error of an SVD or a sum in float64 is a small multiple of n * 2.2e-16 relative,
-# far below 1e-9 for the sizes lipcert builds densely (n <= 1e5).
-SAFETY = 1e-9
 
 
 class Estimator(Protocol):

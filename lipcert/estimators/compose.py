@@ -675,7 +675,7 @@ def compose_bound(graph: Graph) -> tuple[float, float, list[Step]]:
     used at every node)."""
     merged = graph.merge_linear()
     walker = _Walker(merged)
-    # one BLAS thread: on a shared machine spin-waiting threads cost 10-100x (see lipsdp_fast)
+    # one BLAS thread: on a shared machine spin-waiting threads cost 10-100x (see lipcert/sdp/fast.py)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -2,12 +2,12 @@
 
 The network is cut into sections: maximal runs of affine layers and slope-restricted activations
 in which each node feeds only the next. Every run with an activation becomes one LipSDP problem
-(see sdp_problem.py); everything else (max-pooling, residual sums, concatenations, lone affine
+(see lipcert/sdp/problem.py); everything else (max-pooling, residual sums, concatenations, lone affine
 layers) keeps its own exact constant, and the sections are composed as in the naive bound
 (products along chains, sums over branches). A solver only proposes multipliers: a section's bound
 is what ``verify`` proves for them in float64, whatever the solver reported.
 
-Solvers: ``settings.solver`` None uses lipcert's structured solver (lipsdp_fast) when it imports,
+Solvers: ``settings.solver`` None uses lipcert's structured solver (lipcert.sdp.fast) when it imports,
 falling back to the best installed generic cvxpy solver for small problems; a cvxpy solver name
 (or "lipcert-fast") forces that solver.
 """
@@ -36,7 +36,7 @@ from ..result import Result
 from .base import SAFETY, register
 from .naive import node_lipschitz_bounds
 from ..graph.rewrite import expand_pair_sorts
-from .sdp_problem import LipSDPProblem, Verified, layer_scales, problem_from_graph, scaled, unscale_multipliers, verify
+from ..sdp.problem import LipSDPProblem, Verified, layer_scales, problem_from_graph, scaled, unscale_multipliers, verify
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def installed_solvers() -> list[str]:
 
 def fast_solver_available() -> bool:
     try:
-        from . import lipsdp_fast  # noqa: F401
+        from ..sdp import fast  # noqa: F401
     except ImportError:
         return False
     return True
@@ -157,7 +157,7 @@ def solve_cvxpy(problem: LipSDPProblem, variant: str, solver: str, opts: dict[st
     lams = [cp.Variable(n, nonneg=True) if variant == "neuron" else cp.Variable(nonneg=True) for n in widths[1:]]
     rho = cp.Variable(nonneg=True)
     L = len(widths)
-    # C(lambda) = C0 + sum_i lambda_i C_i, block-tridiagonal (sdp_problem.LipSDPProblem.assemble)
+    # C(lambda) = C0 + sum_i lambda_i C_i, block-tridiagonal (lipcert.sdp.problem.LipSDPProblem.assemble)
     blocks: list[list[Any]] = [[np.zeros((widths[i], widths[j])) for j in range(L)] for i in range(L)]
     for j in range(1, L):
         W = p.weights[j - 1]
@@ -198,7 +198,7 @@ def solve_cvxpy(problem: LipSDPProblem, variant: str, solver: str, opts: dict[st
 def _propose(problem: LipSDPProblem, variant: str, solver: str, opts: dict[str, Any]) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
     if solver != FAST:
         return solve_cvxpy(problem, variant, solver, opts)
-    from . import lipsdp_fast
+    from ..sdp import fast as lipsdp_fast
 
     try:
         return lipsdp_fast.solve(problem, variant=variant, **opts)

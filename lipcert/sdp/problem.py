@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..graph import Activation, Affine, Graph
-from .base import SAFETY
+from ..config import SAFETY
 
 EPS = np.finfo(np.float64).eps
 

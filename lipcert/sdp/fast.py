@@ -1,6 +1,6 @@
 """A structure-aware primal-dual interior-point solver for LipSDP-Neuron and LipSDP-Layer.
 
-The problem (see ``sdp_problem``): minimise rho over (rho, lambda >= 0) subject to
+The problem (see ``lipcert.sdp.problem``): minimise rho over (rho, lambda >= 0) subject to
 
     S(rho, lambda) = rho E - C0 - sum_i lambda_i C_i  >=  0,
 
@@ -38,7 +38,7 @@ Robustness on real networks, whose LipSDP data span many orders of magnitude:
 Certificate: X / tr(X_00) is dual feasible when <C_g, X> >= 0 for every multiplier group, and then
 <C0, X> / tr(X_00) is a lower bound on the LipSDP optimum (weak duality); the iteration stops when
 (rho - lower) / rho <= tol. The returned multipliers are in the coordinates of the original
-problem; callers re-verify them with ``sdp_problem.verify``, whose value is the only one that may
+problem; callers re-verify them with ``problem.verify``, whose value is the only one that may
 be reported as a bound.
 """
 
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .sdp_problem import LipSDPProblem, expand_multipliers
+from .problem import LipSDPProblem, expand_multipliers
 
 log = logging.getLogger(__name__)
 
