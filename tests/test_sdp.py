@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import lipcert
 import lipcert.estimators.sdp as sdp
+import lipcert.sdp.solve as sdp_solve
 from lipcert.cli import format_results, main
 from lipcert.config import Settings
 from lipcert.estimators import ESTIMATORS
@@ -192,7 +193,7 @@ def test_solver_failure_is_a_clear_status_never_a_number(spiral, solver, opts):
 
 
 def test_bad_multipliers_are_rejected(spiral, monkeypatch):
-    monkeypatch.setattr(sdp, "solve_cvxpy", lambda p, v, s, o=None, scale=True: ([np.zeros(n) for n in p.widths[1:]], {"status": "optimal", "solver_value": 1.0}))
+    monkeypatch.setattr(sdp_solve, "solve_cvxpy", lambda p, v, s, o=None, scale=True: ([np.zeros(n) for n in p.widths[1:]], {"status": "optimal", "solver_value": 1.0}))
     r = lipcert.bound(spiral, method="sdp", solver="CVXOPT")
     assert r.value is None and not r.certified and r.status.startswith("not_verified:")
     assert r.details["solver_value"] == 1.0  # the claim is kept for the record, never as the bound
@@ -209,14 +210,15 @@ def test_fast_solver_failure_falls_back_to_a_generic_solver(spiral, monkeypatch)
     attempts = r.details["sections"][0]["attempts"]
     assert r.certified and attempts[0]["solver"] == "lipcert-fast" and "boom" in attempts[0]["status"]
     assert attempts[1]["solver"] == sdp.default_solver() and attempts[1]["status"] == "ok"
-    monkeypatch.setattr(sdp, "solve_cvxpy", lambda *a, **k: (None, {"status": "infeasible"}))
+    monkeypatch.setattr(sdp_solve, "solve_cvxpy", lambda *a, **k: (None, {"status": "infeasible"}))
     r = lipcert.bound(spiral, method="sdp")
     assert r.value is None and "boom" in r.status and "infeasible" in r.status
 
 
 def test_cli_sdp_failure_exits_nonzero_and_all_keeps_going(monkeypatch):
-    monkeypatch.setattr(sdp, "solve_cvxpy", lambda *a, **k: (None, {"status": "infeasible"}))
-    monkeypatch.setattr(sdp, "fast_solver_available", lambda: False)
+    monkeypatch.setattr(sdp_solve, "solve_cvxpy", lambda *a, **k: (None, {"status": "infeasible"}))
+    for module in (sdp, sdp_solve):
+        monkeypatch.setattr(module, "fast_solver_available", lambda: False)
     res = CliRunner().invoke(main, ["bound", str(SPIRAL), "--method", "sdp"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "infeasible" in res.stderr and res.stderr.count("Error") == 1
