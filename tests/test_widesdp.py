@@ -58,6 +58,34 @@ def test_tournament_computes_relu_of_the_max(k):
         assert p[-1] == pytest.approx(max(0.0, z.max()), abs=1e-12)
 
 
+@pytest.mark.parametrize("k", [2, 4, 16])
+def test_window_constraints_are_valid_and_tight(k):
+    """The constraints of LocalLayer.thetas (as the solver builds them) on differences of
+    max(0, z_1..z_k): the quadratic form [dz; dv]^T Q [dz; dv] is PSD at every vertex of the Clarke
+    set (lambda = 0 and e_i), tight at one of them, and >= 0 on sampled pairs of points."""
+    W = np.eye(k)
+    layer = WS.maxpool_layer(W, np.arange(k)[None, :], np.ones((1, 1)), 1.0)
+    tl = WS._Torch(layer)
+    thetas, cvals = tl.theta.numpy(), tl.cvals.numpy()
+    assert len(thetas) == 2 and thetas[1] == pytest.approx(1 / (k - 1))
+    for th, c in zip(thetas, cvals):
+        Q = np.zeros((k + 1, k + 1))
+        Q[:k, :k] = np.eye(k)
+        Q[:k, k] = Q[k, :k] = th
+        Q[k, k] = -c
+        mins = [np.linalg.eigvalsh(np.vstack([np.eye(k), lam[None]]).T @ Q @ np.vstack([np.eye(k), lam[None]]))[0]
+                for lam in [np.zeros(k)] + list(np.eye(k))]
+        assert min(mins) >= -1e-12 and min(mins) <= 1e-12  # valid, and c is the largest valid value
+    gen = np.random.default_rng(k)
+    for _ in range(2000):
+        z1, z2 = gen.standard_normal(k) * gen.choice([0.1, 1, 10]), gen.standard_normal(k)
+        if gen.random() < 0.3:
+            z2 = z1 + 1e-3 * gen.standard_normal(k)
+        dz, dv = z1 - z2, max(0.0, z1.max()) - max(0.0, z2.max())
+        for th, c in zip(thetas, cvals):
+            assert dz @ dz + 2 * th * dv * dz.sum() - c * dv**2 >= -1e-12 * (dz @ dz)
+
+
 @pytest.mark.parametrize("kernel,stride,pad", [(2, 2, 0), (3, 2, 1), (2, 1, 0)])
 def test_pool_windows_match_max_pooling(kernel, stride, pad):
     pool = MaxPool("p", "MaxPool", ["x"], (), kernel=(kernel, kernel), strides=(stride, stride), pads=(pad,) * 4,
@@ -122,10 +150,10 @@ def _pool_net(kernel: int, stride: int, seed: int) -> torch.nn.Sequential:
 @pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 1)])
 def test_max_pooling_net_is_sound_and_below_naive(kernel, stride):
     graph = lipcert.load(_pool_net(kernel, stride, 5), (1, 1, 6, 6))
-    r = ESTIMATORS["sdp-wide"].run(graph, Settings(extra={"fast_time_limit": 20}))
+    r = ESTIMATORS["sdp-wide"].run(graph, Settings(extra={"fast_time_limit": 5}))
     assert r.details["rules"].get("LipSDP-Neuron over a wide layer (per-unit multipliers)") == 1
     assert r.certified and r.value < r.details["naive_value"]
-    assert r.value >= _jacobian_lower(graph, 300)
+    assert r.value >= _jacobian_lower(graph, 100)
 
 
 def test_max_pooling_above_every_selection():

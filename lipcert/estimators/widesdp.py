@@ -75,10 +75,23 @@ class LocalLayer:
     Qp: np.ndarray  # (n, n) strictly lower triangular: from the group's earlier units
     beta: np.ndarray  # (n,): slope interval [0, beta_u] of every unit
     V: np.ndarray  # (G, n, r): dy = sum_g V_g^T p_g
+    # a unit u whose output is max(0, z_1..z_k) of the group's z (a pooling window), -1: none;
+    # then every theta below adds the valid constraint (its own multiplier a_g, in column n + i of t)
+    #   a_g (||z||^2 + 2 theta p_u 1^T z - (1 + 2 theta - (k - 1) theta^2) p_u^2) >= 0:
+    # with p_u = lambda^T z, lambda in {lambda >= 0, sum lambda <= 1} (its Clarke set), the form is
+    # concave in lambda and PSD at every vertex (0, e_i), so PSD on the whole set; theta = 0 is
+    # 1-Lipschitz in l2, theta = 1 / (k - 1) the most the vertex condition allows with signs
+    l2_unit: int = -1
+    thetas: tuple[float, ...] = ()
 
     @property
     def groups(self) -> int:
         return int(self.cols.shape[0])
+
+    @property
+    def multipliers(self) -> int:
+        """Multipliers per group: one per unit, and one per theta when ``l2_unit`` is set."""
+        return int(self.Qz.shape[0]) + (len(self.thetas) if self.l2_unit >= 0 else 0)
 
     @property
     def r(self) -> int:
@@ -165,7 +178,8 @@ def maxpool_layer(W: np.ndarray, windows: np.ndarray, Wl: np.ndarray, beta: floa
     cols, pad = _local_columns(mask)
     V = np.zeros((len(used), k, Wl.shape[0]))
     V[:, -1, :] = Wl[:, used].T
-    return LocalLayer(W.shape[1], cols, _gather(W, windows, cols, pad), Qz, Qp, b, V)
+    thetas = (0.0, 1.0 / (k - 1)) if k > 1 else (0.0,)
+    return LocalLayer(W.shape[1], cols, _gather(W, windows, cols, pad), Qz, Qp, b, V, l2_unit=k - 1, thetas=thetas)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,24 +198,45 @@ class _Torch:
         self.p_idx = (cols[:, :, None] * self.n_in + cols[:, None, :]).reshape(-1)
         self.z_idx = (cols[:, :, None] * self.r + torch.arange(self.r)[None, None, :]).reshape(-1)
         self.QzWz = torch.einsum("nk,gkc->gnc", self.Qz, self.Wz)  # (G, n, c)
+        self.n, self.l2_unit = int(self.Qz.shape[0]), layer.l2_unit
+        if self.l2_unit >= 0:
+            k = int(self.Qz.shape[1])
+            self.theta = f(np.array(layer.thetas, float))
+            self.cvals = 1 + 2 * self.theta - (k - 1) * self.theta**2
+            self.WtW = self.Wz.transpose(1, 2) @ self.Wz  # (G, c, c)
+            self.sumW = self.Wz.sum(1)  # (G, c): 1^T W_g
+            self.e_l2 = torch.zeros(self.n, dtype=torch.float64)
+            self.e_l2[self.l2_unit] = 1.0
 
-    def blocks(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """D (G, n, n) and C (G, n, c) for multipliers t (G, n)."""
-        tb = t * self.beta
+    def blocks(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """D (G, n, n), C (G, n, c) and a (G,) or None, for multipliers t (G, multipliers).
+        The window constraints (LocalLayer.thetas) add sum_i a_i c_i to D_g's (u, u) entry,
+        sum_i a_i theta_i 1^T W_g to C_g's row u, and a W_g^T W_g to P (a = sum_i a_i)."""
+        tu = t[:, : self.n]
+        tb = tu * self.beta
         TBQ = tb[:, :, None] * self.Qp
-        D = torch.diag_embed(2.0 * t) - TBQ - TBQ.transpose(1, 2)
+        D = torch.diag_embed(2.0 * tu) - TBQ - TBQ.transpose(1, 2)
+        a = None
         C = tb[:, :, None] * self.QzWz
-        return D, C
+        if self.l2_unit >= 0:
+            A = t[:, self.n:]
+            a = A.sum(1)
+            D = D + torch.diag_embed((A @ self.cvals)[:, None] * self.e_l2)
+            C = C + ((A @ self.theta)[:, None] * self.sumW)[:, None, :] * self.e_l2[None, :, None]
+        return D, C, a
 
     def reduced(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(P, Z, S), or None when some D_g is not positive definite."""
-        D, C = self.blocks(t)
+        D, C, a = self.blocks(t)
         L, info = torch.linalg.cholesky_ex(D)
         if bool((info != 0).any()):
             return None
         Fc = torch.linalg.solve_triangular(L, C, upper=False)
         Fv = torch.linalg.solve_triangular(L, self.V, upper=False)
-        P = torch.zeros(self.n_in * self.n_in, dtype=t.dtype).index_add(0, self.p_idx, (Fc.transpose(1, 2) @ Fc).reshape(-1))
+        Pg = Fc.transpose(1, 2) @ Fc
+        if a is not None:
+            Pg = Pg + a[:, None, None] * self.WtW
+        P = torch.zeros(self.n_in * self.n_in, dtype=t.dtype).index_add(0, self.p_idx, Pg.reshape(-1))
         Z = torch.zeros(self.n_in * self.r, dtype=t.dtype).index_add(0, self.z_idx, (Fc.transpose(1, 2) @ Fv).reshape(-1))
         S = torch.eye(self.r, dtype=t.dtype) - torch.einsum("gnr,gns->rs", Fv, Fv)
         return P.reshape(self.n_in, self.n_in), Z.reshape(self.n_in, self.r), S
@@ -249,6 +284,22 @@ def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float)
 
 
 def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tensor:
+    """Log-multipliers (G, multipliers) of the best one-parameter family on a grid."""
+    s = _initial_units(tl, Xi, G, n)
+    if tl.l2_unit < 0:
+        return s
+    m = len(tl.theta)
+    last = s[:, tl.l2_unit:tl.l2_unit + 1].expand(G, m)
+    best = (math.inf, torch.cat([s, last + math.log(1e-4)], 1))
+    for f in np.geomspace(1e-4, 1.0, 9):  # every a_i = f x the multiplier of unit u
+        cand = torch.cat([s, last + math.log(f)], 1)
+        rho = best_rho(tl, torch.exp(cand), Xi)
+        if rho < best[0]:
+            best = (rho, cand)
+    return best[1].clone()
+
+
+def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tensor:
     """Log-multipliers of the best one-parameter family t_u = tau * ratio^level(u) on a grid."""
     # a unit's level: how many units of its group it reads through Qp (depth in the tournament)
     depth = np.zeros(n)
@@ -257,9 +308,12 @@ def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tenso
         prev = np.flatnonzero(Qp[u] != 0)
         depth[u] = 1 + depth[prev].max() if len(prev) else 0
     best = (math.inf, None)
-    for ratio in ((1.0,) if n == 1 else (1.0, 0.5, 0.25, 0.1)):
-        base = torch.from_numpy(np.log(ratio) * depth).expand(G, n)
-        for tau in np.geomspace(1e-8, 1e8, 33):
+    pad = torch.full((G, len(tl.theta) if tl.l2_unit >= 0 else 0), -60.0, dtype=torch.float64)  # a_i = e^-60 meanwhile
+    # groups whose outputs weigh more get larger multipliers: t ~ ||V_g||^power
+    vlog = torch.log(torch.linalg.matrix_norm(tl.V).clamp_min(1e-300))[:, None]
+    for ratio, power in [(ratio, power) for ratio in ((1.0,) if n == 1 else (1.0, 0.5, 0.25, 0.1)) for power in (0.0, 0.5, 1.0)]:
+        base = torch.cat([torch.from_numpy(np.log(ratio) * depth).expand(G, n) + power * vlog, pad], 1)
+        for tau in np.geomspace(1e-8, 1e8, 17):
             rho = best_rho(tl, torch.exp(base + math.log(tau)), Xi)
             if rho < best[0]:
                 best = (rho, base + math.log(tau))
@@ -271,10 +325,15 @@ def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tenso
                     best = (rho, b0 + math.log(f))
     if best[1] is None:
         raise ValueError("no multipliers of the one-parameter family are feasible")
-    return best[1].clone()
+    return best[1][:, :n].clone()
 
 
-def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT, iters: int = 400) -> tuple[np.ndarray, dict]:
+# The smoothing of the largest eigenvalue, relative to it, stage by stage.
+SMOOTHING = (1e-2, 1e-3, 1e-4)
+
+
+def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT, iters: int = 400,
+             smoothing: tuple[float, ...] = SMOOTHING, memory: int = 12) -> tuple[np.ndarray, dict]:
     """Multipliers t (G, n) for ``layer`` from the state X (None: the identity), and a log."""
     start = time.perf_counter()
     tl = _Torch(layer)
@@ -282,13 +341,13 @@ def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float =
     if X is not None:
         Lx = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(X)))
         Xi = torch.linalg.solve_triangular(Lx, torch.eye(len(X), dtype=torch.float64), upper=False)
-    s = _initial(tl, Xi, layer.groups, layer.Qz.shape[0])
+    s = _initial(tl, Xi, layer.groups, int(layer.Qz.shape[0]))
     rho0 = best_rho(tl, torch.exp(s), Xi)
     history = [(0, time.perf_counter() - start, rho0)]
     evals = 0
-    for mu_rel in (1e-2, 1e-3, 1e-4):
+    for mu_rel in smoothing:
         mu = mu_rel * best_rho(tl, torch.exp(s), Xi)
-        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu), s, start, time_limit, iters)
+        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu), s, start, time_limit, iters, memory)
         evals += used
         history.append((evals, time.perf_counter() - start, best_rho(tl, torch.exp(s), Xi)))
         if time.perf_counter() - start > time_limit:
@@ -376,21 +435,27 @@ def _scatter(n_in: int, r: int, cols: np.ndarray, blocks: np.ndarray) -> np.ndar
 def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = None) -> bool:
     """True only if Aug(rho, t) >= 0 holds exactly for the float64 data: then
     ||dy||^2 <= rho du^T X du for all input pairs (X = None: the identity)."""
-    if not (np.all(np.isfinite(t)) and np.all(t >= 0) and rho > 0 and math.isfinite(rho)):
+    if t.shape != (layer.groups, layer.multipliers) or not (np.all(np.isfinite(t)) and np.all(t >= 0) and rho > 0 and math.isfinite(rho)):
         return False
     n_in, r, G = layer.n_in, layer.r, layer.groups
     n, k, c = layer.Qz.shape[0], layer.Qz.shape[1], layer.cols.shape[1]
     tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64))
     tl = _Torch(layer)
     with torch.no_grad():
-        D, C = (a.numpy() for a in tl.blocks(tt))
-        tb_abs = np.abs(t * layer.beta)
-        D_abs = 2 * np.abs(t)[:, :, None] * np.eye(n) + tb_abs[:, :, None] * np.abs(layer.Qp)
-        D_abs = D_abs + D_abs.transpose(0, 2, 1) - 2 * np.abs(t)[:, :, None] * np.eye(n)  # diag counted once
+        D, C, a = (None if v is None else v.numpy() for v in tl.blocks(tt))
+        tu = t[:, :n]
+        tb_abs = np.abs(tu * layer.beta)
+        D_abs = 2 * np.abs(tu)[:, :, None] * np.eye(n) + tb_abs[:, :, None] * np.abs(layer.Qp)
+        D_abs = D_abs + D_abs.transpose(0, 2, 1) - 2 * np.abs(tu)[:, :, None] * np.eye(n)  # diag counted once
         QW_abs = np.einsum("nk,gkc->gnc", np.abs(layer.Qz), np.abs(layer.Wz))
         C_abs = tb_abs[:, :, None] * QW_abs
+        if a is not None:  # the window constraints' entries
+            A_abs = np.abs(t[:, n:])
+            th, cv = np.abs(tl.theta.numpy()), np.abs(tl.cvals.numpy())
+            D_abs[:, layer.l2_unit, layer.l2_unit] += A_abs @ cv
+            C_abs[:, layer.l2_unit, :] += (A_abs @ th)[:, None] * np.abs(layer.Wz).sum(1)
         # |computed - exact| <= g_dc * |.| entrywise for D and C (a few products and sums each)
-        g_dc = _gamma(2 * n + k + 6)
+        g_dc = _gamma(2 * n + 2 * k + t.shape[1] + 8)
         D_abs *= 1 + g_dc
         C_abs *= 1 + g_dc
         # E_g: (c + r) x n, the off-diagonal block of Aug for group g: [-C_g^T; V_g^T]
@@ -413,6 +478,10 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
         blocks = YE + YE.transpose(0, 2, 1) - Y @ D @ Y.transpose(0, 2, 1)
         Ya = np.abs(Y)
         blocks_abs = 2 * Ya @ E_abs.transpose(0, 2, 1) + Ya @ D_abs @ Ya.transpose(0, 2, 1)
+        if a is not None:  # the l2 constraints' a_g W_g^T W_g, subtracted from the input block
+            blocks[:, :c, :c] += a[:, None, None] * (layer.Wz.transpose(0, 2, 1) @ layer.Wz)
+            Wa = np.abs(layer.Wz)
+            blocks_abs[:, :c, :c] += A_abs.sum(1)[:, None, None] * (Wa.transpose(0, 2, 1) @ Wa)
         Delta = E - Y @ D
         Delta_err = _gamma(n + 2) * (E_abs + Ya @ D_abs) + g_dc * (E_abs + Ya @ D_abs)
         dnorm = np.sqrt((Delta**2).sum((1, 2))) * (1 + 4 * EPS) + np.sqrt((Delta_err**2).sum((1, 2))) * (1 + 4 * EPS)
@@ -425,7 +494,7 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
     # rounding: the block products (inner size n, plus the product chain Y D Y^T), the scatter sum
     # over the groups, the entries' own errors (already in D_abs, E_abs via g_dc), the K - sum and
     # rho X; gamma of the total count, on the absolute values, covers all of them
-    g_all = _gamma(3 * n + G + 8) + 3 * g_dc
+    g_all = _gamma(3 * n + k + G + 10) + 3 * g_dc
     err = g_all * float(np.linalg.norm(R_abs, "fro")) * (1 + 1e-6) + 2 * EPS * float(np.linalg.norm(K, "fro"))
     R[np.diag_indices(n_in + r)] -= eps_needed
     err += EPS * (float(np.linalg.norm(np.diag(R))) + eps_needed * math.sqrt(n_in + r))
