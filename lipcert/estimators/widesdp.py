@@ -13,7 +13,11 @@ on the differences (the same letters denote differences from here on). Two layer
 - an activation, max-pooling, a linear map: one group per pooling window of k entries, whose
   output max_i phi(z_i) = phi(max_i z_i) (phi nondecreasing) is computed exactly by a tournament of
   k - 1 ReLU units, max(a, b) = b + relu(a - b), and a last unit phi: n = k units. Overlapping
-  windows are just groups that share entries of z: no sqrt(overlap) factor.
+  windows are just groups that share entries of z: no sqrt(overlap) factor. For a ReLU (the case
+  of every pooled network here) the window's output is also max(0, z_1..z_k) = lambda^T z for some
+  lambda >= 0 with sum lambda <= 1 (mean value theorem with Clarke's gradients), which gives two
+  more constraints per window, each with its own multiplier (LocalLayer.thetas): 1-Lipschitz in
+  l2 of the window, and a sign-aware one.
 
 The matrix inequality. With multipliers t_u >= 0 (one per unit: LipSDP-Neuron) the S-procedure
 gives ||dy||^2 <= rho du^T X du if, with T = diag(t), B = diag(beta),
