@@ -58,6 +58,19 @@ def test_tournament_computes_relu_of_the_max(k):
         assert p[-1] == pytest.approx(max(0.0, z.max()), abs=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 9])
+def test_tournament_after_the_activation_computes_the_max(k):
+    Qz, Qp, out = WS.max_tree_after(k)
+    assert np.all(np.triu(Qp) == 0)
+    gen = np.random.default_rng(k)
+    for _ in range(50):
+        z = gen.standard_normal(k)
+        p = np.zeros(len(out))
+        for u in range(len(out)):
+            p[u] = max(0.0, Qz[u] @ z + Qp[u] @ p)
+        assert out @ p == pytest.approx(max(0.0, z.max()), abs=1e-12)
+
+
 @pytest.mark.parametrize("k", [2, 4, 16])
 def test_window_constraints_are_valid_and_tight(k):
     """The constraints of LocalLayer.thetas (as the solver builds them) on differences of
