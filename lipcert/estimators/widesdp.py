@@ -364,10 +364,10 @@ def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch
 
 
 # The smoothing of the largest eigenvalue, relative to it, stage by stage (at most ITERATIONS
-# quasi-Newton steps each): heavy smoothing first moves fastest (Convnet_maxpool, 300 s: 304.2 with
-# this schedule, 348.8 starting at 1e-3).
+# quasi-Newton steps each): heavy smoothing first moves fastest (Convnet_maxpool, 300 s of search
+# under load: 304.2 from 1e-1 down, 348.8 when starting at 1e-3).
 SMOOTHING = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
-ITERATIONS = 150
+ITERATIONS = 200
 
 
 def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT, iters: int = ITERATIONS,
