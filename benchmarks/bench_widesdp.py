@@ -66,7 +66,8 @@ def render(results: dict, args: argparse.Namespace, load_before: tuple, load_aft
     lines = [SECTION, "",
              f"Script: `python benchmarks/bench_widesdp.py --time-limit {args.time_limit:g}` under the shared lock "
              f"(date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores shared with other jobs, python "
-             f"{platform.python_version()}; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after). One process per "
+             f"{platform.python_version()}; 1-minute load average between {load_before[0]:.1f} and {load_after[0]:.1f}, from other "
+             "helpers' jobs that do not take the lock). One process per "
              "network, one BLAS thread. time: the estimator's run (loading excluded), the multiplier search's limit included; "
              "peak memory: the process's max RSS (compose's run for the comparison column included). lower: the witnessed "
              "lower bound of ../shared/models/reference.json. LipSDP (`--method sdp`) refuses both (24112 rows).", "",
@@ -94,16 +95,23 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=480.0, help="the multiplier search's limit per network, seconds")
     ap.add_argument("--cap", type=float, default=900.0, help="hard cap per process, seconds")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--json", type=Path, default=Path("/tmp/lipcert_bench_widesdp.json"), help="results kept between runs")
+    ap.add_argument("--render", action="store_true", help="rewrite the section from the saved JSON only")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    load_before = os.getloadavg()
-    results = {}
-    for net in args.nets.split(","):
-        results[net] = run({"net": net, "time_limit": args.time_limit}, args.cap)
-        print(net, results[net], file=sys.stderr, flush=True)
-    publish(SECTION, render(results, args, load_before, os.getloadavg()), write=not args.no_write)
+    saved = json.loads(args.json.read_text()) if args.json.exists() else {"results": {}, "loads": []}
+    if not args.render:
+        load_before = os.getloadavg()
+        for net in args.nets.split(","):
+            saved["results"][net] = run({"net": net, "time_limit": args.time_limit}, args.cap)
+            print(net, saved["results"][net], file=sys.stderr, flush=True)
+        saved["loads"].append([load_before[0], os.getloadavg()[0]])
+        args.json.write_text(json.dumps(saved, indent=1))
+    loads = saved["loads"] or [[float("nan"), float("nan")]]
+    results = {net: saved["results"][net] for net in NETS if net in saved["results"]}
+    publish(SECTION, render(results, args, (min(a for a, _ in loads),), (max(b for _, b in loads),)), write=not args.no_write)
 
 
 if __name__ == "__main__":
