@@ -538,16 +538,17 @@ class _Walker:
                 if y is not None:
                     return self.record(node.name, "linear map (dense form)", y)
         y = self.scalar_step(prev, layer_norm(node))
+        best, rule = y, "naive: proven layer norm"
+        wide = self.wide_layer(node)
+        if wide is not None and wide > best:
+            best, rule = wide, "two-layer inequality (wide layer, narrow output)"
         if self.wide_sdp_time is not None:
             from .widesdp import wide_step  # the optional LipSDP-Neuron step (method sdp-wide)
 
             wide_sdp = wide_step(self, node, self.wide_sdp_time)
-            if wide_sdp is not None and wide_sdp > y:
-                return self.record(node.name, "LipSDP-Neuron over a wide layer (per-unit multipliers)", wide_sdp)
-        wide = self.wide_layer(node)
-        if wide is not None and wide > y:
-            return self.record(node.name, "two-layer inequality (wide layer, narrow output)", wide)
-        return self.record(node.name, "naive: proven layer norm", y)
+            if wide_sdp is not None and wide_sdp > best:  # the larger state is the smaller bound
+                best, rule = wide_sdp, "LipSDP-Neuron over a wide layer (per-unit multipliers)"
+        return self.record(node.name, rule, best)
 
     def wide_layer(self, node: Affine) -> float | None:
         """The narrow map ``node`` after a wide activation layer phi(W u) whose state is a scalar:
