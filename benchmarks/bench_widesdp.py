@@ -61,25 +61,26 @@ def run(spec: dict, cap: float) -> dict:
     return json.loads(lines[-1])
 
 
-def render(results: dict, args: argparse.Namespace, load_before: tuple, load_after: tuple) -> str:
+def render(results: dict, loads: list) -> str:
     ref = json.loads((MODELS / "reference.json").read_text())
     lines = [SECTION, "",
-             f"Script: `python benchmarks/bench_widesdp.py --time-limit {args.time_limit:g}` under the shared lock "
-             f"(date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores shared with other jobs, python "
-             f"{platform.python_version()}; 1-minute load average between {load_before[0]:.1f} and {load_after[0]:.1f}, from other "
-             "helpers' jobs that do not take the lock). One process per "
+             "Script: `python benchmarks/bench_widesdp.py --nets NET --time-limit T` under the shared lock, one run per network "
+             f"(T and the date in the table; {os.cpu_count()} cores shared with other jobs, python "
+             f"{platform.python_version()}; 1-minute load average at the start / end of each run: "
+             f"{', '.join(f'{a:.1f} / {b:.1f}' for a, b in loads)}, from other helpers' jobs that do not take the lock). One process per "
              "network, one BLAS thread. time: the estimator's run (loading excluded), the multiplier search's limit included; "
              "peak memory: the process's max RSS (compose's run for the comparison column included). lower: the witnessed "
              "lower bound of ../shared/models/reference.json. LipSDP (`--method sdp`) refuses both (24112 rows).", "",
-             "| network | sdp-wide (proven) | time | peak memory | naive | sdp-wide / naive | compose | one-multiplier start | lower |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| network | sdp-wide (proven) | time | search limit T | peak memory | naive | sdp-wide / naive | compose | one-multiplier start | lower | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for net, r in results.items():
         low = ref.get(f"vnncomp2021/{net}.onnx", {}).get("lower_l2")
         if r.get("value") is None:
-            lines.append(f"| {net} | {r.get('status')} | | | | | | | |")
+            lines.append(f"| {net} | {r.get('status')} | | | | | | | | | |")
             continue
-        lines.append(f"| {net} | {r['value']:.6g} | {r['time_s']:.1f} s | {r['rss_mb']:.0f} MB | {r['naive']:.6g} | "
-                     f"{r['value'] / r['naive']:.3f} | {r['compose']:.6g} | {r['initial'] or float('nan'):.6g} | {low:.5g} |")
+        lines.append(f"| {net} | {r['value']:.6g} | {r['time_s']:.1f} s | {r.get('time_limit', 480):g} s | {r['rss_mb']:.0f} MB | "
+                     f"{r['naive']:.6g} | {r['value'] / r['naive']:.3f} | {r['compose']:.6g} | {r['initial'] or float('nan'):.6g} | "
+                     f"{low:.5g} | {r.get('date', '2026-12-02 16:41 UTC')} |")
     lines.append("")
     for net, r in results.items():
         if r.get("history"):
@@ -105,13 +106,13 @@ def main() -> None:
     if not args.render:
         load_before = os.getloadavg()
         for net in args.nets.split(","):
-            saved["results"][net] = run({"net": net, "time_limit": args.time_limit}, args.cap)
+            saved["results"][net] = {**run({"net": net, "time_limit": args.time_limit}, args.cap), "time_limit": args.time_limit,
+                                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
             print(net, saved["results"][net], file=sys.stderr, flush=True)
         saved["loads"].append([load_before[0], os.getloadavg()[0]])
         args.json.write_text(json.dumps(saved, indent=1))
-    loads = saved["loads"] or [[float("nan"), float("nan")]]
     results = {net: saved["results"][net] for net in NETS if net in saved["results"]}
-    publish(SECTION, render(results, args, (min(a for a, _ in loads),), (max(b for _, b in loads),)), write=not args.no_write)
+    publish(SECTION, render(results, saved["loads"]), write=not args.no_write)
 
 
 if __name__ == "__main__":
