@@ -92,11 +92,11 @@ def render(results: dict, loads: list) -> str:
 
 WHAT_IT_SHOWS = (
     "What this shows (issue 12, target: an SDP-class proven bound at most half of naive within 10 minutes, 2 cores, "
-    "<= 8 GB). Convnet_avgpool: met, 0.41 of naive in 351 s and 0.8 GB; the value is LipSDP-Neuron of the network itself "
-    "(one multiplier per neuron of its 23328-neuron layer, posed in 794 rows), to the search's convergence (the last "
-    "stages moved < 0.01%). Convnet_maxpool: 0.508 of naive, proven, in 300 s: 1.6% short of half. Its max-pooling is "
+    "<= 8 GB). Convnet_avgpool: met, 0.41 of naive in 351 s and 0.8 GB; the value is a proven feasible point of "
+    "LipSDP-Neuron of the network itself (one multiplier per neuron of its 23328-neuron layer, posed in 794 rows); the "
+    "search's last stages moved < 0.01%, but there is no dual bound, so its distance to the optimum is not proven. Convnet_maxpool: 0.508 of naive, proven, in 300 s: 1.6% short of half. Its max-pooling is "
     "represented exactly by a ReLU tournament per 4x4 window plus two window constraints; the search had converged "
-    "(303.2 -> 303.16 over the last two stages), so the gap is the relaxation, not the time. Both are 1.9-2.5x "
+    "(303.2 -> 303.16 over the last two stages), so the gap is the relaxation, not the time. They are 1.4x and 2.0x "
     "the witnessed lower bounds (54.41 and 152.0 from the ascent search, RESULTS.md above; the table's lower column "
     "is reference.json's random-point value). compose (< 60 s) gives 103.3 and 596.9.")
 
