@@ -24,6 +24,7 @@ METHODS: dict[str, str] = {
     'naive': '[upper] product of exact per-layer operator norms (sum over residual branches); proven',
     'compose': '[upper] compositional layer-by-layer matrix inequalities (ECLipsE-Fast style, residual blocks as blocks); proven l2 bound, seconds',
     'sdp': '[upper] LipSDP (neuron or layer multipliers), solver multipliers re-verified in float64; proven l2 bound',
+    'sdp-wide': '[upper] the compositional walk, with LipSDP-Neuron over each wide layer (activations, max-pooling) before a narrow linear map, posed in the small dimension; proven l2 bound, minutes',
     'gram': '[upper] per-layer Gram-iteration bounds (l2; convolutions through their spectrum), composed like naive; proven',
     'power': '[estimate] product of per-layer power-iteration norms (l2); converges from below: an estimate, not a bound',
     'lower': '[lower] adversarial Jacobian search (screening, smoothed ascent with power steps on J J^T, real-network proposals); witnessed lower bound',

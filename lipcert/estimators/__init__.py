@@ -8,7 +8,7 @@ from ..config import Settings
 from ..errors import InputError, LipcertError
 from ..graph import Graph
 from ..result import Result
-from . import naive, compose, sdp, gram, power, lower  # noqa: F401  (registers, in order of preference)
+from . import naive, compose, sdp, widesdp, gram, power, lower  # noqa: F401  (registers, in order of preference)
 from .base import ESTIMATORS, SAFETY, Estimator
 
 if TYPE_CHECKING:

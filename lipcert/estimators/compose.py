@@ -472,11 +472,14 @@ def _densify(state: State, n: int) -> np.ndarray | None:
 
 
 class _Walker:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, wide_sdp_time: float | None = None) -> None:
         self.g = graph
         self.consumers = graph.consumers()
         self.states: dict[str, State] = {Graph.INPUT: 1.0}
         self.steps: list[Step] = []
+        # seconds for the per-neuron multiplier search of a wide layer (widesdp); None: not tried
+        self.wide_sdp_time = wide_sdp_time
+        self.wide_sdp_info: list[dict] = []
 
     def dim(self, name: str) -> int:
         return int(np.prod(self.g.shape_of(name)))
@@ -535,10 +538,17 @@ class _Walker:
                 if y is not None:
                     return self.record(node.name, "linear map (dense form)", y)
         y = self.scalar_step(prev, layer_norm(node))
+        best, rule = y, "naive: proven layer norm"
         wide = self.wide_layer(node)
-        if wide is not None and wide > y:
-            return self.record(node.name, "two-layer inequality (wide layer, narrow output)", wide)
-        return self.record(node.name, "naive: proven layer norm", y)
+        if wide is not None and wide > best:
+            best, rule = wide, "two-layer inequality (wide layer, narrow output)"
+        if self.wide_sdp_time is not None:
+            from .widesdp import wide_step  # the optional LipSDP-Neuron step (method sdp-wide)
+
+            wide_sdp = wide_step(self, node, self.wide_sdp_time)
+            if wide_sdp is not None and wide_sdp > best:  # the larger state is the smaller bound
+                best, rule = wide_sdp, "LipSDP-Neuron over a wide layer (per-unit multipliers)"
+        return self.record(node.name, rule, best)
 
     def wide_layer(self, node: Affine) -> float | None:
         """The narrow map ``node`` after a wide activation layer phi(W u) whose state is a scalar:
@@ -670,16 +680,19 @@ def _naive_norm(node: Node, p: str) -> tuple[float, bool, str]:
     return node.lipschitz(p)
 
 
-def compose_bound(graph: Graph) -> tuple[float, float, list[Step]]:
+def compose_bound(graph: Graph, wide_sdp_time: float | None = None, info: list | None = None) -> tuple[float, float, list[Step]]:
     """(the compositional proven l2 bound, the naive bound with the same layer norms, the rule
-    used at every node)."""
+    used at every node). ``wide_sdp_time``: also try the LipSDP-Neuron step of widesdp on wide
+    layers, with that many seconds for each multiplier search; its logs are appended to ``info``."""
     merged = graph.merge_linear()
-    walker = _Walker(merged)
+    walker = _Walker(merged, wide_sdp_time)
     # one BLAS thread: on a shared machine spin-waiting threads cost 10-100x (see lipcert/sdp/fast.py)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         value = walker.run()
+        if info is not None:
+            info.extend(walker.wide_sdp_info)
         naive = node_lipschitz_bounds(merged, "2", _naive_norm)[0][merged.output]
         return value, naive, walker.steps
     finally:
@@ -698,14 +711,21 @@ class Compose:
     def run(self, graph: Graph, settings: Settings) -> Result:
         start = time.perf_counter()
         value, naive, steps = compose_bound(graph)
-        warnings = []
-        if not value <= naive:
-            warnings.append(f"the compositional bound ({value:.6g}) is not below the naive one: the naive bound is reported")
-        rules: dict[str, int] = {}
-        for s in steps:
-            rules[s.rule] = rules.get(s.rule, 0) + 1
-        details = {"compositional_value": value if math.isfinite(value) else None, "naive_value": naive, "rules": rules,
-                   "steps": [{"node": s.node, "rule": s.rule, "bound": s.value if math.isfinite(s.value) else None} for s in steps]}
-        return Result(self.name, "upper", "2", min(value, naive), True, time.perf_counter() - start,
-                      {"norm": "2", "dense_state": DENSE_STATE, "margins": list(MARGINS), "safety_margin": SAFETY},
-                      warnings=warnings, model=graph.source, sha256=graph.sha256, details=details)
+        return compose_result(self.name, graph, value, naive, steps, start)
+
+
+def compose_result(name: str, graph: Graph, value: float, naive: float, steps: list[Step], start: float,
+                   settings: dict | None = None, details: dict | None = None) -> Result:
+    """The Result of a compositional walk: min(value, naive), with the rule used at every node."""
+    warnings = []
+    if not value <= naive:
+        warnings.append(f"the compositional bound ({value:.6g}) is not below the naive one: the naive bound is reported")
+    rules: dict[str, int] = {}
+    for s in steps:
+        rules[s.rule] = rules.get(s.rule, 0) + 1
+    out = {"compositional_value": value if math.isfinite(value) else None, "naive_value": naive, "rules": rules,
+           "steps": [{"node": s.node, "rule": s.rule, "bound": s.value if math.isfinite(s.value) else None} for s in steps],
+           **(details or {})}
+    return Result(name, "upper", "2", min(value, naive), True, time.perf_counter() - start,
+                  {"norm": "2", "dense_state": DENSE_STATE, "margins": list(MARGINS), "safety_margin": SAFETY, **(settings or {})},
+                  warnings=warnings, model=graph.source, sha256=graph.sha256, details=out)

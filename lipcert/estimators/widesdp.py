@@ -1,0 +1,635 @@
+"""LipSDP-Neuron for one wide layer of local units followed by a narrow linear map, posed in the
+small dimension (inputs + outputs) instead of the wide one, and proven in float64.
+
+Setting. From a quadratic form X on the input differences du (the state of compose), the
+pre-activations z = W du of a wide layer (h rows, e.g. a convolution with 23328 outputs) feed
+*groups* of local units, and the output is dy = sum_g V_g^T p_g, linear in the units' outputs.
+A unit u of group g computes p_u = phi_u(q_u) with q_u = (Qz z_g + Qp p_g)_u (Qp strictly lower
+triangular: a unit may read earlier units of its group) and phi_u nondecreasing with slopes in
+[0, beta_u]; so every pair of inputs satisfies the quadratic constraint p_u (beta_u q_u - p_u) >= 0
+on the differences (the same letters denote differences from here on). Two layers fit this form:
+
+- an activation followed by a linear map: one group per neuron, q = z, p = phi(z) (k = n = 1);
+- an activation, max-pooling, a linear map: one group per pooling window of k entries, whose
+  output max_i phi(z_i) = phi(max_i z_i) (phi nondecreasing) is computed exactly by a tournament of
+  k - 1 ReLU units, max(a, b) = b + relu(a - b), and a last unit phi: n = k units. Overlapping
+  windows are just groups that share entries of z: no sqrt(overlap) factor. When the slopes of phi
+  are in [0, 1] (ReLU, tanh, sigmoid), a difference of the window's output is lambda^T dz for some
+  lambda >= 0 with sum lambda <= 1 (mean value theorem with Clarke's gradients), which gives two
+  more constraints per window, each with its own multiplier (LocalLayer.thetas): 1-Lipschitz in
+  l2 of the window, and a sign-aware one.
+
+The matrix inequality. With multipliers t_u >= 0 (one per unit: LipSDP-Neuron) the S-procedure
+gives ||dy||^2 <= rho du^T X du if, with T = diag(t), B = diag(beta),
+
+    Aug = [[rho X, 0, -C^T], [0, I_r, V^T], [-C, V, D]] >= 0,
+    D = blockdiag_g(2 T_g - T_g B_g Qp - Qp^T B_g T_g),   C = blockdiag_g(T_g B_g Qz) W,
+
+(the last block row/column is the units; the I_r block is the Schur form of -V V^T). D is block
+diagonal with one n x n block per group, so eliminating it leaves (n_in + r) rows only:
+
+    R(rho) = [[rho X - P, Z], [Z^T, S]] >= 0,  P = C^T D^-1 C, Z = C^T D^-1 V, S = I - V^T D^-1 V,
+
+and the best rho for given t is the largest eigenvalue of X^-1/2 (P + Z S^-1 Z^T) X^-1/2. Each
+group touches only the c input coordinates its rows of W read (4 for a 2x2 convolution on one
+channel), so P and Z are sums of c x c and c x r pieces and nothing h x h or h x n_in is formed.
+
+The multipliers are chosen by a quasi-Newton descent on a smoothed largest eigenvalue (float64
+autograd, one thread); the choice is never trusted. The proof (``prove``) takes the final t and a
+rho slightly above its optimum and checks Aug >= 0 by an exact congruence: with Y_g = E_g D_g^-1
+computed in float64 (E the off-diagonal block, per group), Aug is congruent to
+[[R~, Delta], [Delta^T, D]] with R~ = K - sum_g (Y_g E_g^T + E_g Y_g^T - Y_g D_g Y_g^T) and
+Delta_g = E_g - Y_g D_g (rounding-sized). It is PSD if D_g >= delta_g I for every group,
+R~ >= eps I and eps >= sum_g ||Delta_g||^2 / delta_g; each of these is proven by a Cholesky
+factorisation with an allowance for every rounding error (Higham's gamma_k bounds on the absolute
+values of all the products involved; ``compose.proven_psd``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import Settings
+from ..graph import Activation, Affine, Graph, MaxPool
+from ..result import Result
+from .base import register
+from .compose import DENSE_STATE, EPS, MARGINS, _dense_of, _gamma, _is_dense, compose_bound, compose_result, proven_psd
+
+log = logging.getLogger(__name__)
+
+# Time the multiplier search may take by default (the proof comes after it, in seconds).
+TIME_LIMIT = 420.0
+
+
+@dataclass
+class LocalLayer:
+    """One wide layer of local units between an input of ``n_in`` entries and ``r`` outputs."""
+
+    n_in: int
+    cols: np.ndarray  # (G, c) int64: the input coordinates each group's rows of W read
+    Wz: np.ndarray  # (G, k, c): those rows of W restricted to those coordinates
+    Qz: np.ndarray  # (n, k): unit pre-activations from the group's z
+    Qp: np.ndarray  # (n, n) strictly lower triangular: from the group's earlier units
+    beta: np.ndarray  # (n,): slope interval [0, beta_u] of every unit
+    V: np.ndarray  # (G, n, r): dy = sum_g V_g^T p_g
+    # a unit u whose output is max(0, z_1..z_k) of the group's z (a pooling window), -1: none;
+    # then every theta below adds the valid constraint (its own multiplier a_g, in column n + i of t)
+    #   a_g (||z||^2 + 2 theta p_u 1^T z - (1 + 2 theta - (k - 1) theta^2) p_u^2) >= 0:
+    # with p_u = lambda^T z, lambda in {lambda >= 0, sum lambda <= 1} (its Clarke set), the form is
+    # concave in lambda and PSD at every vertex (0, e_i), so PSD on the whole set; theta = 0 is
+    # 1-Lipschitz in l2, theta = 1 / (k - 1) the most the vertex condition allows with signs
+    l2_unit: int = -1
+    thetas: tuple[float, ...] = ()
+
+    @property
+    def groups(self) -> int:
+        return int(self.cols.shape[0])
+
+    @property
+    def multipliers(self) -> int:
+        """Multipliers per group: one per unit, and one per theta when ``l2_unit`` is set."""
+        return int(self.Qz.shape[0]) + (len(self.thetas) if self.l2_unit >= 0 else 0)
+
+    @property
+    def r(self) -> int:
+        return int(self.V.shape[2])
+
+
+def _local_columns(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a boolean (G, n_in) mask, (G, c) column indices of its True entries (c = the largest
+    count) and a (G, c) mask of padding: short rows repeat their first index there."""
+    counts = mask.sum(1)
+    c = max(int(counts.max()), 1)
+    order = np.argsort(~mask, axis=1, kind="stable")[:, :c]
+    pad = np.arange(c)[None, :] >= counts[:, None]
+    return np.where(pad, order[:, :1], order), pad
+
+
+def _gather(W: np.ndarray, rows: np.ndarray, cols: np.ndarray, pad: np.ndarray) -> np.ndarray:
+    """(G, k, c) blocks W[rows[g]][:, cols[g]], zero in the padding columns (so that a repeated
+    index adds nothing)."""
+    blocks = W[rows[:, :, None], cols[:, None, :]]
+    blocks[np.broadcast_to(pad[:, None, :], blocks.shape)] = 0.0
+    return blocks
+
+
+def activation_layer(W: np.ndarray, Wl: np.ndarray, beta: float) -> LocalLayer:
+    """u -> phi(W u) (slopes in [0, beta]) -> Wl: one group per neuron. Neurons that Wl does not
+    read are left out (their constraints are not needed)."""
+    used = np.flatnonzero(np.abs(Wl).sum(0) > 0)
+    rows = used[:, None]
+    cols, pad = _local_columns(W[used] != 0)
+    return LocalLayer(W.shape[1], cols, _gather(W, rows, cols, pad), np.ones((1, 1)), np.zeros((1, 1)),
+                      np.array([beta], float), np.ascontiguousarray(Wl[:, used].T[:, None, :]))
+
+
+def max_tree(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Qz, Qp) of k units computing phi(max(z_1..z_k)): k - 1 ReLU units in a tournament,
+    max(a, b) = b + relu(a - b), then the last unit phi on the maximum."""
+    Qz, Qp = np.zeros((k, k)), np.zeros((k, k))
+    exprs = [(np.eye(k)[i], np.zeros(k)) for i in range(k)]  # (coefficients on z, on p)
+    u = 0
+    while len(exprs) > 1:
+        nxt = []
+        for j in range(0, len(exprs) - 1, 2):
+            (za, pa), (zb, pb) = exprs[j], exprs[j + 1]
+            Qz[u], Qp[u] = za - zb, pa - pb
+            p = pb.copy()
+            p[u] += 1.0
+            nxt.append((zb, p))
+            u += 1
+        if len(exprs) % 2:
+            nxt.append(exprs[-1])
+        exprs = nxt
+    Qz[u], Qp[u] = exprs[0]
+    return Qz, Qp
+
+
+def max_tree_after(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Qz, Qp, out) of 2k - 1 units for max(phi(z_1)..phi(z_k)): first the k units phi(z_i),
+    then k - 1 ReLU units in a tournament on them; the maximum is out^T p (not a unit)."""
+    n = 2 * k - 1
+    Qz, Qp = np.zeros((n, k)), np.zeros((n, n))
+    Qz[:k, :k] = np.eye(k)
+    exprs = [np.eye(n)[i] for i in range(k)]  # coefficients on p
+    u = k
+    while len(exprs) > 1:
+        nxt = []
+        for j in range(0, len(exprs) - 1, 2):
+            pa, pb = exprs[j], exprs[j + 1]
+            Qp[u] = pa - pb
+            p = pb.copy()
+            p[u] += 1.0
+            nxt.append(p)
+            u += 1
+        if len(exprs) % 2:
+            nxt.append(exprs[-1])
+        exprs = nxt
+    return Qz, Qp, exprs[0]
+
+
+def pool_windows(pool: MaxPool) -> np.ndarray | None:
+    """(windows, k) input indices of every 2-D pooling window, in the pool's output order;
+    padded positions (never the maximum) replaced by a real entry of the same window."""
+    if len(pool.kernel) != 2:
+        return None
+    shape = tuple(int(s) for s in pool.in_shape[1:])
+    idx = torch.arange(int(np.prod(shape)), dtype=torch.float64).reshape(1, *shape)
+    x = pool._padded(idx, -1.0)[0]  # (C, Hp, Wp)
+    win = F.unfold(x[:, None], pool.kernel, dilation=pool.dilations, stride=pool.strides)  # (C, k, L)
+    win = win.permute(0, 2, 1).reshape(-1, win.shape[1]).numpy().astype(np.int64)
+    first = np.where(win >= 0, win, np.iinfo(np.int64).max).min(1, keepdims=True)
+    if (first == np.iinfo(np.int64).max).any():
+        return None
+    return np.where(win >= 0, win, first)
+
+
+def maxpool_layer(W: np.ndarray, windows: np.ndarray, Wl: np.ndarray, beta: float, activation_first: bool = False) -> LocalLayer:
+    """u -> maxpool(phi(W u)) -> Wl: one group per window (phi nondecreasing, slopes [0, beta]).
+    ``activation_first``: the 2k - 1 units of max_tree_after instead of the k of max_tree."""
+    k = windows.shape[1]
+    if activation_first:
+        Qz, Qp, out = max_tree_after(k)
+        b = np.ones(2 * k - 1)
+        b[:k] = beta
+    else:
+        Qz, Qp = max_tree(k)
+        out = np.eye(k)[-1]
+        b = np.ones(k)
+        b[-1] = beta
+    used = np.flatnonzero(np.abs(Wl).sum(0) > 0)
+    windows = windows[used]
+    mask = np.zeros((len(used), W.shape[1]), dtype=bool)
+    for j in range(k):
+        mask |= W[windows[:, j]] != 0
+    cols, pad = _local_columns(mask)
+    V = out[None, :, None] * Wl[:, used].T[:, None, :]
+    if beta > 1.0 or activation_first:  # the window constraints need the Clarke set inside {lambda >= 0, sum lambda <= 1}
+        return LocalLayer(W.shape[1], cols, _gather(W, windows, cols, pad), Qz, Qp, b, V)
+    thetas = (0.0, 1.0 / (k - 1)) if k > 1 else (0.0,)
+    return LocalLayer(W.shape[1], cols, _gather(W, windows, cols, pad), Qz, Qp, b, V, l2_unit=k - 1, thetas=thetas)
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly (torch, float64; differentiable in the multipliers)
+# --------------------------------------------------------------------------------------------
+
+
+class _Torch:
+    """The layer's arrays as torch tensors, with the scatter indices of P and Z."""
+
+    def __init__(self, layer: LocalLayer) -> None:
+        f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
+        self.n_in, self.r = layer.n_in, layer.r
+        self.Wz, self.Qz, self.Qp, self.beta, self.V = f(layer.Wz), f(layer.Qz), f(layer.Qp), f(layer.beta), f(layer.V)
+        cols = torch.from_numpy(layer.cols)
+        self.p_idx = (cols[:, :, None] * self.n_in + cols[:, None, :]).reshape(-1)
+        self.z_idx = (cols[:, :, None] * self.r + torch.arange(self.r)[None, None, :]).reshape(-1)
+        self.QzWz = torch.einsum("nk,gkc->gnc", self.Qz, self.Wz)  # (G, n, c)
+        self.n, self.l2_unit = int(self.Qz.shape[0]), layer.l2_unit
+        if self.l2_unit >= 0:
+            k = int(self.Qz.shape[1])
+            self.theta = f(np.array(layer.thetas, float))
+            self.cvals = 1 + 2 * self.theta - (k - 1) * self.theta**2
+            self.WtW = self.Wz.transpose(1, 2) @ self.Wz  # (G, c, c)
+            self.sumW = self.Wz.sum(1)  # (G, c): 1^T W_g
+            self.e_l2 = torch.zeros(self.n, dtype=torch.float64)
+            self.e_l2[self.l2_unit] = 1.0
+
+    def blocks(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """D (G, n, n), C (G, n, c) and a (G,) or None, for multipliers t (G, multipliers).
+        The window constraints (LocalLayer.thetas) add sum_i a_i c_i to D_g's (u, u) entry,
+        sum_i a_i theta_i 1^T W_g to C_g's row u, and a W_g^T W_g to P (a = sum_i a_i)."""
+        tu = t[:, : self.n]
+        tb = tu * self.beta
+        TBQ = tb[:, :, None] * self.Qp
+        D = torch.diag_embed(2.0 * tu) - TBQ - TBQ.transpose(1, 2)
+        a = None
+        C = tb[:, :, None] * self.QzWz
+        if self.l2_unit >= 0:
+            A = t[:, self.n:]
+            a = A.sum(1)
+            D = D + torch.diag_embed((A @ self.cvals)[:, None] * self.e_l2)
+            C = C + ((A @ self.theta)[:, None] * self.sumW)[:, None, :] * self.e_l2[None, :, None]
+        return D, C, a
+
+    def reduced(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(P, Z, S), or None when some D_g is not positive definite."""
+        D, C, a = self.blocks(t)
+        L, info = torch.linalg.cholesky_ex(D)
+        if bool((info != 0).any()):
+            return None
+        Fc = torch.linalg.solve_triangular(L, C, upper=False)
+        Fv = torch.linalg.solve_triangular(L, self.V, upper=False)
+        Pg = Fc.transpose(1, 2) @ Fc
+        if a is not None:
+            Pg = Pg + a[:, None, None] * self.WtW
+        P = torch.zeros(self.n_in * self.n_in, dtype=t.dtype).index_add(0, self.p_idx, Pg.reshape(-1))
+        Z = torch.zeros(self.n_in * self.r, dtype=t.dtype).index_add(0, self.z_idx, (Fc.transpose(1, 2) @ Fv).reshape(-1))
+        S = torch.eye(self.r, dtype=t.dtype) - torch.einsum("gnr,gns->rs", Fv, Fv)
+        return P.reshape(self.n_in, self.n_in), Z.reshape(self.n_in, self.r), S
+
+
+def _target(tl: _Torch, t: torch.Tensor, Xi: torch.Tensor | None) -> torch.Tensor | None:
+    """The matrix whose largest eigenvalue is the best rho for t: X^-1/2 (P + Z S^-1 Z^T) X^-1/2
+    (Xi = the inverse Cholesky factor of X, None for X = I)."""
+    red = tl.reduced(t)
+    if red is None:
+        return None
+    P, Z, S = red
+    Ls, info = torch.linalg.cholesky_ex(S)
+    if int(info) != 0:
+        return None
+    G = torch.linalg.solve_triangular(Ls, Z.T, upper=False)
+    M = P + G.T @ G
+    if Xi is not None:
+        M = Xi @ M @ Xi.T
+    return (M + M.T) / 2
+
+
+def best_rho(tl: _Torch, t: torch.Tensor, Xi: torch.Tensor | None) -> float:
+    """The smallest rho feasible for t in floating point (inf when t is infeasible); an estimate,
+    the proof comes from ``prove``."""
+    with torch.no_grad():
+        M = _target(tl, t, Xi)
+        if M is None or not bool(torch.isfinite(M).all()):
+            return math.inf
+        return float(torch.linalg.eigvalsh(M)[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The multiplier search: L-BFGS on a smoothed largest eigenvalue, in log t
+# --------------------------------------------------------------------------------------------
+
+
+def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float) -> torch.Tensor | None:
+    M = _target(tl, torch.exp(s), Xi)
+    if M is None or not bool(torch.isfinite(M).all()):
+        return None
+    e = torch.linalg.eigvalsh(M)
+    top = e[-1].detach()
+    return top + mu * torch.log(torch.exp((e - top) / mu).sum())
+
+
+def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tensor:
+    """Log-multipliers (G, multipliers) of the best one-parameter family on a grid."""
+    s = _initial_units(tl, Xi, G, n)
+    if tl.l2_unit < 0:
+        return s
+    m = len(tl.theta)
+    last = s[:, tl.l2_unit:tl.l2_unit + 1].expand(G, m)
+    best = (math.inf, torch.cat([s, last + math.log(1e-4)], 1))
+    for f in np.geomspace(1e-4, 1.0, 9):  # every a_i = f x the multiplier of unit u
+        cand = torch.cat([s, last + math.log(f)], 1)
+        rho = best_rho(tl, torch.exp(cand), Xi)
+        if rho < best[0]:
+            best = (rho, cand)
+    return best[1].clone()
+
+
+def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tensor:
+    """Log-multipliers of the best one-parameter family t_u = tau * ratio^level(u) on a grid."""
+    # a unit's level: how many units of its group it reads through Qp (depth in the tournament)
+    depth = np.zeros(n)
+    Qp = tl.Qp.numpy()
+    for u in range(n):
+        prev = np.flatnonzero(Qp[u] != 0)
+        depth[u] = 1 + depth[prev].max() if len(prev) else 0
+    best = (math.inf, None)
+    pad = torch.full((G, len(tl.theta) if tl.l2_unit >= 0 else 0), -60.0, dtype=torch.float64)  # a_i = e^-60 meanwhile
+    # groups whose outputs weigh more get larger multipliers: t ~ ||V_g||^power
+    vlog = torch.log(torch.linalg.matrix_norm(tl.V).clamp_min(1e-300))[:, None]
+    for ratio, power in [(ratio, power) for ratio in ((1.0,) if n == 1 else (1.0, 0.5, 0.25, 0.1)) for power in (0.0, 0.5, 1.0)]:
+        base = torch.cat([torch.from_numpy(np.log(ratio) * depth).expand(G, n) + power * vlog, pad], 1)
+        for tau in np.geomspace(1e-8, 1e8, 17):
+            rho = best_rho(tl, torch.exp(base + math.log(tau)), Xi)
+            if rho < best[0]:
+                best = (rho, base + math.log(tau))
+        if best[1] is not None:  # refine tau around the best
+            b0 = best[1]
+            for f in np.geomspace(0.25, 4.0, 17):
+                rho = best_rho(tl, torch.exp(b0 + math.log(f)), Xi)
+                if rho < best[0]:
+                    best = (rho, b0 + math.log(f))
+    if best[1] is None:
+        raise ValueError("no multipliers of the one-parameter family are feasible")
+    return best[1][:, :n].clone()
+
+
+# The smoothing of the largest eigenvalue, relative to it, stage by stage (at most ITERATIONS
+# quasi-Newton steps each): heavy smoothing first moves fastest (Convnet_maxpool, 300 s of search
+# under load: 304.2 from 1e-1 down, 348.8 when starting at 1e-3).
+SMOOTHING = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+ITERATIONS = 200
+
+
+def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT, iters: int = ITERATIONS,
+             smoothing: tuple[float, ...] = SMOOTHING, memory: int = 12) -> tuple[np.ndarray, dict]:
+    """Multipliers t (G, n) for ``layer`` from the state X (None: the identity), and a log."""
+    start = time.perf_counter()
+    tl = _Torch(layer)
+    Xi = None
+    if X is not None:
+        Lx = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(X)))
+        Xi = torch.linalg.solve_triangular(Lx, torch.eye(len(X), dtype=torch.float64), upper=False)
+    s = _initial(tl, Xi, layer.groups, int(layer.Qz.shape[0]))
+    rho0 = best_rho(tl, torch.exp(s), Xi)
+    history = [(0, time.perf_counter() - start, rho0)]
+    evals = 0
+    for mu_rel in smoothing:
+        mu = mu_rel * best_rho(tl, torch.exp(s), Xi)
+        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu), s, start, time_limit, iters, memory)
+        evals += used
+        history.append((evals, time.perf_counter() - start, best_rho(tl, torch.exp(s), Xi)))
+        if time.perf_counter() - start > time_limit:
+            break
+    info = {"initial_rho": rho0, "history": history, "evaluations": evals, "search_s": time.perf_counter() - start}
+    return torch.exp(s).numpy(), info
+
+
+def _lbfgs(fun, x: torch.Tensor, start: float, time_limit: float, iters: int, memory: int = 12) -> tuple[torch.Tensor, int]:
+    """Minimise fun (None = outside the domain) by L-BFGS with backtracking; returns (x, evals)."""
+
+    def value_grad(v: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+        v = v.detach().requires_grad_(True)
+        f = fun(v)
+        if f is None or not bool(torch.isfinite(f)):
+            return math.inf, None
+        (g,) = torch.autograd.grad(f, v)
+        return float(f.detach()), g
+
+    f, g = value_grad(x)
+    evals = 1
+    if g is None:
+        return x, evals
+    S: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    for _ in range(iters):
+        if time.perf_counter() - start > time_limit:
+            break
+        q = g.clone()
+        alphas = []
+        for s_, y_, rho_ in reversed(S):
+            a = rho_ * float((s_ * q).sum())
+            alphas.append(a)
+            q -= a * y_
+        if S:
+            s_, y_, _ = S[-1]
+            q *= float((s_ * y_).sum() / (y_ * y_).sum())
+        else:
+            q *= 1.0 / max(float(g.abs().max()), 1e-12)  # first step: move log t by at most 1
+        for (s_, y_, rho_), a in zip(S, reversed(alphas)):
+            b = rho_ * float((y_ * q).sum())
+            q += (a - b) * s_
+        d = -q
+        slope = float((g * d).sum())
+        if not slope < 0:
+            d, slope, S = -g, -float((g * g).sum()), []
+        step, accepted = 1.0, False
+        for _ in range(30):
+            xn = x + step * d
+            fn, gn = value_grad(xn)
+            evals += 1
+            if gn is not None and fn <= f + 1e-4 * step * slope:
+                accepted = True
+                break
+            step *= 0.3
+        if not accepted:
+            break
+        sk, yk = xn - x, gn - g
+        sy = float((sk * yk).sum())
+        if sy > 1e-12 * float((yk * yk).sum()) ** 0.5 * float((sk * sk).sum()) ** 0.5:
+            S.append((sk, yk, 1.0 / sy))
+            S = S[-memory:]
+        done = f - fn <= 1e-9 * abs(f)
+        x, f, g = xn, fn, gn
+        if done:
+            break
+    return x, evals
+
+
+# --------------------------------------------------------------------------------------------
+# The proof (float64, numpy/torch, every rounding error accounted for)
+# --------------------------------------------------------------------------------------------
+
+
+def _scatter(n_in: int, r: int, cols: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """Sum of (G, c + r, c + r) blocks placed at rows/columns [cols_g, n_in + 0..r-1]."""
+    G, c = cols.shape
+    idx = np.concatenate([cols, np.broadcast_to(n_in + np.arange(r), (G, r))], axis=1)
+    m = n_in + r
+    flat = torch.zeros(m * m, dtype=torch.float64)
+    lin = torch.from_numpy((idx[:, :, None] * m + idx[:, None, :]).reshape(-1))
+    flat.index_add_(0, lin, torch.from_numpy(np.ascontiguousarray(blocks).reshape(-1)))
+    return flat.reshape(m, m).numpy()
+
+
+def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = None) -> bool:
+    """True only if Aug(rho, t) >= 0 holds exactly for the float64 data: then
+    ||dy||^2 <= rho du^T X du for all input pairs (X = None: the identity)."""
+    if t.shape != (layer.groups, layer.multipliers) or not (np.all(np.isfinite(t)) and np.all(t >= 0) and rho > 0 and math.isfinite(rho)):
+        return False
+    n_in, r, G = layer.n_in, layer.r, layer.groups
+    n, k, c = layer.Qz.shape[0], layer.Qz.shape[1], layer.cols.shape[1]
+    tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64))
+    tl = _Torch(layer)
+    with torch.no_grad():
+        D, C, a = (None if v is None else v.numpy() for v in tl.blocks(tt))
+        tu = t[:, :n]
+        tb_abs = np.abs(tu * layer.beta)
+        D_abs = 2 * np.abs(tu)[:, :, None] * np.eye(n) + tb_abs[:, :, None] * np.abs(layer.Qp)
+        D_abs = D_abs + D_abs.transpose(0, 2, 1) - 2 * np.abs(tu)[:, :, None] * np.eye(n)  # diag counted once
+        QW_abs = np.einsum("nk,gkc->gnc", np.abs(layer.Qz), np.abs(layer.Wz))
+        C_abs = tb_abs[:, :, None] * QW_abs
+        if a is not None:  # the window constraints' entries
+            A_abs = np.abs(t[:, n:])
+            th, cv = np.abs(tl.theta.numpy()), np.abs(tl.cvals.numpy())
+            D_abs[:, layer.l2_unit, layer.l2_unit] += A_abs @ cv
+            C_abs[:, layer.l2_unit, :] += (A_abs @ th)[:, None] * np.abs(layer.Wz).sum(1)
+        # |computed - exact| <= g_dc * |.| entrywise for D and C (a few products and sums each)
+        g_dc = _gamma(2 * n + 2 * k + t.shape[1] + 8)
+        D_abs *= 1 + g_dc
+        C_abs *= 1 + g_dc
+        # E_g: (c + r) x n, the off-diagonal block of Aug for group g: [-C_g^T; V_g^T]
+        E = np.concatenate([-C.transpose(0, 2, 1), layer.V.transpose(0, 2, 1)], axis=1)
+        E_abs = np.concatenate([C_abs.transpose(0, 2, 1), np.abs(layer.V).transpose(0, 2, 1)], axis=1)
+        # delta_g: a proven lower bound on lambda_min(D_g) (half the computed one, then checked)
+        ev = torch.linalg.eigvalsh(torch.from_numpy(D)).numpy()
+        delta = 0.5 * ev[:, 0]
+        if not np.all(delta > 0):
+            return False
+        back = _gamma(n + 1) * n * np.abs(np.diagonal(D, axis1=1, axis2=2)).max(1)
+        err_d = g_dc * np.sqrt((D_abs**2).sum((1, 2))) + 2 * EPS * (delta + np.abs(np.diagonal(D, axis1=1, axis2=2)).max(1)) + back
+        shifted = D - (delta + err_d)[:, None, None] * np.eye(n)
+        _, info = torch.linalg.cholesky_ex(torch.from_numpy(shifted))
+        if bool((info != 0).any()):
+            return False
+        # Y_g = E_g D_g^-1 (any float matrix: the congruence is exact whatever Y is)
+        Y = torch.linalg.solve(torch.from_numpy(D), torch.from_numpy(E).transpose(1, 2)).transpose(1, 2).numpy()
+        YE = Y @ E.transpose(0, 2, 1)
+        blocks = YE + YE.transpose(0, 2, 1) - Y @ D @ Y.transpose(0, 2, 1)
+        Ya = np.abs(Y)
+        blocks_abs = 2 * Ya @ E_abs.transpose(0, 2, 1) + Ya @ D_abs @ Ya.transpose(0, 2, 1)
+        if a is not None:  # the l2 constraints' a_g W_g^T W_g, subtracted from the input block
+            blocks[:, :c, :c] += a[:, None, None] * (layer.Wz.transpose(0, 2, 1) @ layer.Wz)
+            Wa = np.abs(layer.Wz)
+            blocks_abs[:, :c, :c] += A_abs.sum(1)[:, None, None] * (Wa.transpose(0, 2, 1) @ Wa)
+        Delta = E - Y @ D
+        Delta_err = _gamma(n + 2) * (E_abs + Ya @ D_abs) + g_dc * (E_abs + Ya @ D_abs)
+        dnorm = np.sqrt((Delta**2).sum((1, 2))) * (1 + 4 * EPS) + np.sqrt((Delta_err**2).sum((1, 2))) * (1 + 4 * EPS)
+        eps_needed = float(np.sum(dnorm**2 / delta)) * (1 + 1e-6)
+        K = np.zeros((n_in + r, n_in + r))
+        K[:n_in, :n_in] = rho * (np.eye(n_in) if X is None else X)
+        K[np.arange(n_in, n_in + r), np.arange(n_in, n_in + r)] = 1.0
+        R = K - _scatter(n_in, r, layer.cols, blocks)
+        R_abs = _scatter(n_in, r, layer.cols, blocks_abs)
+    # rounding: the block products (inner size n, plus the product chain Y D Y^T), the scatter sum
+    # over the groups, the entries' own errors (already in D_abs, E_abs via g_dc), the K - sum and
+    # rho X; gamma of the total count, on the absolute values, covers all of them
+    g_all = _gamma(3 * n + k + G + 10) + 3 * g_dc
+    err = g_all * float(np.linalg.norm(R_abs, "fro")) * (1 + 1e-6) + 2 * EPS * float(np.linalg.norm(K, "fro"))
+    R[np.diag_indices(n_in + r)] -= eps_needed
+    err += EPS * (float(np.linalg.norm(np.diag(R))) + eps_needed * math.sqrt(n_in + r))
+    return proven_psd(R, err)
+
+
+def wide_bound(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT) -> tuple[float, dict] | None:
+    """(rho, info) with ||dy||^2 <= rho du^T X du proven, or None when no multipliers are found or
+    the proof fails at every margin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        try:
+            t, info = optimise(layer, X, time_limit)
+        except ValueError as exc:
+            log.info("widesdp: %s", exc)
+            return None
+        tl = _Torch(layer)
+        Xi = None
+        if X is not None:
+            Lx = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(X)))
+            Xi = torch.linalg.solve_triangular(Lx, torch.eye(len(X), dtype=torch.float64), upper=False)
+        rho0 = best_rho(tl, torch.from_numpy(t), Xi)
+        if not math.isfinite(rho0):
+            return None
+        for rel in MARGINS:
+            rho = rho0 * (1 + rel)
+            if prove(layer, t, rho, X):
+                info.update({"rho_float": rho0, "margin": rel, "groups": layer.groups, "units_per_group": int(layer.Qz.shape[0])})
+                return rho, info
+        return None
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# The step inside the compositional walk, and the method
+# --------------------------------------------------------------------------------------------
+
+
+def wide_step(walker, node: Affine, time_limit: float) -> float | None:
+    """For the linear map ``node`` read after [max-pooling of] an activation phi(W u) (phi
+    nondecreasing, slopes in [0, beta]): the scalar state y with y ||dy||^2 <= du^T X_u du from
+    one LipSDP-Neuron inequality over the whole wide layer (``walker``: compose's _Walker)."""
+    g, cons = walker.g, walker.consumers
+    prev = g.node(node.inputs[0]) if node.inputs[0] != Graph.INPUT else None
+    pool = None
+    if isinstance(prev, MaxPool) and cons[prev.name] == [node.name]:
+        pool = prev
+        prev = g.node(pool.inputs[0]) if pool.inputs[0] != Graph.INPUT else None
+    if not isinstance(prev, Activation) or prev.kind == "prelu" or cons[prev.name] != [(pool or node).name]:
+        return None
+    a, b = (float(v) for v in prev.slope_interval)
+    src = g.node(prev.inputs[0]) if prev.inputs[0] != Graph.INPUT else None
+    if a != 0.0 or not b > 0 or not isinstance(src, Affine) or cons[src.name] != [prev.name]:
+        return None
+    n = walker.dim(src.inputs[0])
+    if n > DENSE_STATE or node.lin.out_dim > DENSE_STATE:
+        return None
+    W, Wl = _dense_of(src), _dense_of(node)
+    if W is None or Wl is None:
+        return None
+    if pool is None:
+        layer = activation_layer(W, Wl, b)
+    else:
+        windows = pool_windows(pool)
+        if windows is None:
+            return None
+        layer = maxpool_layer(W, windows, Wl, b)
+    state = walker.states[src.inputs[0]]
+    X = state if _is_dense(state) else None
+    if X is None and not float(state) > 0:
+        return None
+    res = wide_bound(layer, X, time_limit)
+    if res is None:
+        return None
+    rho, info = res
+    walker.wide_sdp_info.append({"node": node.name, "pooling": pool is not None, "rho": rho, **info})
+    scale = 1.0 if X is not None else float(state)  # X = x I: ||dy||^2 <= (rho / x) du^T (x I) du
+    return scale / rho * (1.0 - 4 * EPS)
+
+
+@register
+class SdpWide:
+    name = "sdp-wide"
+    kind = "upper"
+    description = ("the compositional walk, with LipSDP-Neuron over each wide layer (activations, max-pooling) "
+                   "before a narrow linear map, posed in the small dimension; proven l2 bound, minutes")
+
+    def accepts(self, graph: Graph, settings: Settings) -> str | None:
+        return None if settings.norm == "2" else "the wide-layer LipSDP bounds the l2 norm only"
+
+    def run(self, graph: Graph, settings: Settings) -> Result:
+        start = time.perf_counter()
+        limit = float(settings.extra.get("fast_time_limit") or TIME_LIMIT)
+        info: list[dict] = []
+        value, naive, steps = compose_bound(graph, wide_sdp_time=limit, info=info)
+        for item in info:  # keep the JSON small: the search history as (evaluations, seconds, rho)
+            item["history"] = [list(h) for h in item.get("history", [])]
+        return compose_result(self.name, graph, value, naive, steps, start, {"search_time_limit": limit}, {"wide_sdp": info})
