@@ -197,8 +197,7 @@ def test_bounds_already_computed_are_reused_not_solved_again(spiral, monkeypatch
     reused = pairwise_constants(graph, "2", "sdp", proven=results)
     assert calls == []
     assert reused.global_bound == fresh.global_bound and reused.global_method == "sdp"
-    # the pairs: warm-started from the global multipliers when solved here, cold when reused;
-    # both within the pairs' duality-gap tolerance of the optimum
+    # the pairs: both within the pairs' duality-gap tolerance of the optimum
     np.testing.assert_allclose(reused.matrix, fresh.matrix, rtol=certify_module.PAIR_TOL)
     # results for another norm are not taken for this one
     linf = pairwise_constants(graph, "inf", "naive", proven=results)

@@ -168,3 +168,26 @@ def test_time_left_from_the_rate_of_the_duality_gap(monkeypatch):
     capped.update(1e-1), capped.update(1e-2)  # t = 6, 7
     assert capped.update(1e-3) == pytest.approx(1.0)  # t = 8: 3 steps to go, but the limit leaves 1 s
     assert progress.eta_text(40) == "about 40 s left" and progress.eta_text(300) == "about 5 min left"
+
+
+def test_pair_stopped_at_a_target_is_proven_and_resumes(tenclass):
+    """lipcert-fast's ``target``: a pair's solve stops once its value is below the target; the
+    verified bound is still at least the pair's LipSDP optimum (so at least every gradient norm of
+    the margin), and the solve resumes from those multipliers to the optimum."""
+    graph, x = tenclass
+    solver = sdp.PairSolver(graph, Settings())
+    tight = Settings(extra={"solver_opts": {"tol": 1e-9}})
+    optimum = solver.pair(2, 7, tight)
+    assert solver.solved.solver_status == "optimal"
+    cold = solver.pair(2, 7, Settings(extra={"solver_opts": {"tol": 1e-9, "max_iter": 0}}))  # the start
+    target = optimum + 0.5 * (cold - optimum)
+    stopped = solver.pair(2, 7, Settings(extra={"solver_opts": {"tol": 1e-9, "target": target}}))
+    assert solver.solved.solver_status == "target" and optimum <= stopped <= target * (1 + 1e-6)
+    mult = solver.solved.multipliers
+    resumed = solver.pair(2, 7, Settings(extra={"solver_opts": {"tol": 1e-9, "init": mult, "start_factor": 1.1}}))
+    assert solver.solved.solver_status == "optimal" and resumed == pytest.approx(optimum, rel=1e-6) and resumed >= optimum * (1 - 1e-9)
+    # sound: above the largest gradient norm of the margin over many points
+    xs = torch.tensor(np.random.default_rng(0).normal(size=(4000, 12)) * 2, requires_grad=True)
+    out = graph.forward(xs.reshape(len(xs), 1, 12)).reshape(len(xs), -1)
+    (g,) = torch.autograd.grad((out[:, 2] - out[:, 7]).sum(), xs)
+    assert g.norm(dim=1).max().item() <= min(optimum, stopped, resumed)
