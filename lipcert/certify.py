@@ -80,11 +80,11 @@ def _naive_pairwise(graph: Graph, norm: str) -> np.ndarray | None:
 # Relative duality gap on rho at which a pair's LipSDP stops: the pair's bound is then within
 # 1 - sqrt(1 - 0.05) = 2.5% of its LipSDP optimum, so a radius decided by it is at least 97.5% of the
 # radius that the optimal pair bounds give. Measured on mnist-net_256x4 (pairs from a cold start):
-# 13-14 steps instead of 17 at 1e-3.
+# 14-15 steps (once 18) instead of 17-19 at 1e-3.
 PAIR_TOL = 5e-2
 # Relative duality gap of the global LipSDP when pairs follow: its bound is then the fallback of the
-# pairs that decide no radius, and within 0.05% of the default tolerance's (mnist-net_256x4: N
-# steps instead of 22).
+# pairs that decide no radius, and within 0.05% of the default tolerance's (a few steps fewer than
+# the 22 of mnist-net_256x4 at the default 1e-6).
 GLOBAL_TOL = 1e-3
 # A point is settled when its radius is at least this fraction of the radius that optimal LipSDP
 # bounds of every pair would give (bounded from above with the solvers' dual bounds); <= the
@@ -141,8 +141,8 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
     times a proven global bound). With ``method="sdp"`` and the l2 norm, pairs are then tightened
     by LipSDP on the network whose last layer is the row difference: all of them, or, with
     ``points`` = (logits, labels), only the pairs that decide some point's radius (see
-    ``binding_pairs``), round after round until every point's deciding pair is tightened (a
-    tightened pair can only raise radii, so the radii are then those of tightening every pair).
+    ``binding_pairs``), one at a time and each only as far as needed, until every point's
+    radius is at least SETTLE x the radius of optimal pair bounds (see ``_tighten``).
 
     ``proven``: results already computed for this graph and norm (e.g. by a report); the best
     proven one is the global bound, instead of solving for it again. ``budget`` (seconds, or a
@@ -416,8 +416,8 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     the predictions, and the constants used and how each was obtained. ``constants``: reuse
     constants computed before; ``proven``: results already computed for this model and norm
     (see ``pairwise_constants``). ``pairs``: "binding" tightens by LipSDP only the pairs that
-    decide a radius of these points (the same radii as "all", which tightens every pair: see
-    ``pairwise_constants``). ``budget``: seconds (None or 0: no limit) or a Budget; what it cut
+    decide a radius of these points (radii at least SETTLE = 0.96 x those of optimal pair
+    bounds; "all" tightens every pair to PAIR_TOL: see ``pairwise_constants``). ``budget``: seconds (None or 0: no limit) or a Budget; what it cut
     is in ``budget.cut``. ``settings``: solver settings for LipSDP (solver, variant, options).
     ``local``: also search, per point, the largest radius r that local constants over the ball
     B(x, r) certify (lipcert.local; dense chains only), and keep the larger radius;
