@@ -82,7 +82,7 @@ def certify_row(net: str, data: Path, extra: list[str], tree: Path, cap: float) 
         res = json.loads(out.pop("stdout"))
         radii = [p["radius"] for p in res["points"]]
         lip = res["lipschitz"]
-        out.update(radii=radii, median=float(np.median(radii)), tightened=len(lip.get("tightened", [])),
+        out.update(radii=radii, median=float(np.median(radii)), tightened=len(lip.get("tightened", [])), pair_solves=lip.get("pair_solves"),
                    global_bound=lip["global_bound"], cut=res.get("budget", {}).get("cut", []), hows=sorted(set(lip["how"].values())))
     return out
 

@@ -50,11 +50,12 @@ class PairwiseConstants:
     global_method: str
     how: dict[str, str] = field(default_factory=dict)  # per pair "y,j" -> which bound was smaller
     tightened: list[tuple[int, int]] = field(default_factory=list)  # pairs (y < j) solved by pairwise LipSDP
+    solves: int = 0  # pairwise LipSDP solves (a pair stopped once it no longer decided a radius may resume)
 
     def to_dict(self) -> dict[str, Any]:
         return {"norm": self.norm, "pairwise": self.matrix.tolist(), "global_bound": self.global_bound,
                 "global_method": self.global_method, "global_factor": GLOBAL_FACTOR[self.norm], "how": self.how,
-                "tightened": [[int(y), int(j)] for y, j in self.tightened]}
+                "tightened": [[int(y), int(j)] for y, j in self.tightened], "pair_solves": self.solves}
 
 
 def _naive_pairwise(graph: Graph, norm: str) -> np.ndarray | None:
@@ -76,10 +77,22 @@ def _naive_pairwise(graph: Graph, norm: str) -> np.ndarray | None:
     return out
 
 
-# Relative duality gap on rho at which a pair's LipSDP stops: the pair's bound is then within about
-# 0.5% of its LipSDP optimum (measured on mnist-net_256x2, pair (0, 1): 252.9562 at tol 1e-2 against
-# 252.9552 at 1e-3; 14 steps instead of 17), well inside the 5% a radius may lose to speed.
-PAIR_TOL = 1e-2
+# Relative duality gap on rho at which a pair's LipSDP stops: the pair's bound is then within
+# 1 - sqrt(1 - 0.05) = 2.5% of its LipSDP optimum, so a radius decided by it is at least 97.5% of the
+# radius that the optimal pair bounds give. Measured on mnist-net_256x4 (pairs from a cold start):
+# 14-15 steps (once 18) instead of 17-19 at 1e-3.
+PAIR_TOL = 5e-2
+# Relative duality gap of the global LipSDP when pairs follow: its bound is then the fallback of the
+# pairs that decide no radius, and within 0.05% of the default tolerance's (a few steps fewer than
+# the 22 of mnist-net_256x4 at the default 1e-6).
+GLOBAL_TOL = 1e-3
+# A point is settled when its radius is at least this fraction of the radius that optimal LipSDP
+# bounds of every pair would give (bounded from above with the solvers' dual bounds); <= the
+# sqrt(1 - PAIR_TOL) = 0.975 that a pair solved to PAIR_TOL reaches.
+SETTLE = 0.96
+# A pair that decides again later resumes from its own multipliers, its start rho this factor above
+# theirs (instead of lipcert-fast's START_FACTOR, which gives half the progress back).
+RESUME_FACTOR = 1.1
 
 
 def _cheap_constants(graph: Graph, norm: str, glob: Result) -> PairwiseConstants:
@@ -128,8 +141,8 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
     times a proven global bound). With ``method="sdp"`` and the l2 norm, pairs are then tightened
     by LipSDP on the network whose last layer is the row difference: all of them, or, with
     ``points`` = (logits, labels), only the pairs that decide some point's radius (see
-    ``binding_pairs``), round after round until every point's deciding pair is tightened (a
-    tightened pair can only raise radii, so the radii are then those of tightening every pair).
+    ``binding_pairs``), one at a time and each only as far as needed, until every point's
+    radius is at least SETTLE x the radius of optimal pair bounds (see ``_tighten``).
 
     ``proven``: results already computed for this graph and norm (e.g. by a report); the best
     proven one is the global bound, instead of solving for it again. ``budget`` (seconds, or a
@@ -147,8 +160,9 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
 
     solver_opts = dict(s.extra.get("solver_opts", {}))
     if solver_label(s) == FAST:
+        # pairs start cold (lipcert-fast's layer-wise start): measured on mnist-net_256x4, 17-18 steps
+        # to tol 1e-3 where twice the global multipliers (strictly feasible) took 17-58
         solver_opts.setdefault("tol", PAIR_TOL)
-        solver_opts.setdefault("init", None)  # filled with the global solution's multipliers below
     sdp_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra={**s.extra, "solver_opts": solver_opts})
     if ESTIMATORS["sdp"].accepts(graph, sdp_settings) is not None:
         return _cheap_constants(graph, norm, known or estimate(graph, "naive", Settings(norm=norm)))
@@ -165,20 +179,18 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
         pairs_follow = solver is not None and (solver.dim < sdp.LONG_DIM or budget.limited)
         share = 0.5 if pairs_follow else 1.0
         start = time.perf_counter()
-        # at the default tolerance: the same global bound as `lipcert bound --method sdp`
-        global_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra=s.extra)
+        # when pairs follow, to GLOBAL_TOL (the bound within 0.05% of `lipcert bound --method sdp`'s,
+        # a few steps fewer); else at the default tolerance, the same bound
+        global_extra = s.extra
+        if pairs_follow and solver_label(s) == FAST and "tol" not in s.extra.get("solver_opts", {}):
+            global_extra = {**s.extra, "solver_opts": {**s.extra.get("solver_opts", {}), "tol": GLOBAL_TOL}}
+        global_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra=global_extra)
         if budget.limited:
             global_settings = settings_with_deadline(global_settings, budget.deadline(share), budget.remaining() * share)
         full = _global_sdp(graph, solver, global_settings, budget)
         global_s = time.perf_counter() - start
         if full is not None and full < glob.value:
             glob = Result("sdp", "upper", "2", full, True, global_s)
-        if solver is not None and solver.multipliers is not None and "init" in solver_opts:
-            # warm start: (2 lambda, 2 rho) of the global solution is strictly feasible for every pair,
-            # since (a_y - a_j)^2 <= 2 ||a||^2. Measured on mnist-net_256x2, pair (1, 7): 17 steps
-            # instead of 46 (the layer-wise start is 3x the optimum there); pair (0, 1): 14 either way.
-            solver_opts["init"] = [2.0 * np.asarray(v) for v in solver.multipliers]
-            sdp_settings = dataclasses.replace(sdp_settings, extra={**sdp_settings.extra, "solver_opts": solver_opts})
     consts = _cheap_constants(graph, norm, glob)
     if solver is None:
         return consts
@@ -209,47 +221,152 @@ def _left(budget: Budget) -> str:
 
 def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget: Budget,
              points: tuple[np.ndarray, np.ndarray] | None, k: int, pair_s: float) -> None:
-    """Tighten the pairs that matter (all pairs without ``points``) by LipSDP, in place."""
-    done: set[tuple[int, int]] = set()
+    """Tighten the pairs that matter (all pairs without ``points``) by LipSDP, in place.
+
+    With ``points``, one pair at a time. Every solve gives, besides its proven bound K, the
+    solver's dual bound on the pair's LipSDP optimum (no LipSDP multipliers prove less); so for a
+    point, r_up = min_j margin_j / dual_j bounds the radius that optimal LipSDP bounds of all
+    pairs would give. A point is settled when its radius is at least SETTLE x r_up. The pair that
+    decides the radius of the most unsettled points is solved next: to PAIR_TOL, or only until
+    its bound settles those points (lipcert-fast's ``target``) when they have an r_up already; a
+    pair stopped at a target resumes from its own multipliers if it decides again. A pair solved
+    to PAIR_TOL settles the points it decides (sqrt(1 - PAIR_TOL) >= SETTLE), so the loop ends, and
+    then every radius is at least SETTLE x the optimal pairs' radius (the dual bounds are the
+    solver's floating-point claims: they decide when to stop, never a reported value)."""
     times: list[float] = [pair_s] if pair_s > 0 else []
-    while True:
-        if points is None:
-            todo = [(y, j) for y in range(k) for j in range(y + 1, k) if (y, j) not in done]
-            counts = {p: 0 for p in todo}
-        else:
-            binding = binding_pairs(consts.matrix, *points)
-            todo = [p for p in binding if p not in done]
-            counts = {p: len(binding[p]) for p in todo}
-        if not todo:
-            return
-        todo.sort(key=lambda p: -counts[p])  # under a budget, the pairs that decide most points first
-        with progress.bar("pairwise LipSDP", len(todo)) as bar:
-            for n, (y, j) in enumerate(todo):
-                bar.update(n, eta=_eta(times, len(todo) - n, budget))
-                typical = float(np.median(times)) if times else 0.0
-                if budget.limited and (budget.expired() or budget.remaining() < 0.5 * typical):
-                    budget.note_cut(f"pairwise LipSDP: {len(todo) - n} pair(s) that decide radii were not tightened")
-                    return
-                start = time.perf_counter()
-                value = solver.pair(y, j, _pair_settings(settings, budget, lambda *_: bar.update(n, eta=_eta(times, len(todo) - n, budget))))
-                times.append(time.perf_counter() - start)
-                done.add((y, j))
+    if points is None:
+        _tighten_all(consts, solver, settings, budget, k, times)
+        return
+    logits, labels = points
+    lower = np.zeros_like(consts.matrix)  # dual bounds on each pair's LipSDP optimum (0: none yet)
+    final: set[tuple[int, int]] = set()  # solved to PAIR_TOL (or as far as the solver got)
+    resume: dict[tuple[int, int], list[np.ndarray]] = {}
+    with progress.bar("pairwise LipSDP", 1) as bar:
+        while True:
+            binding = _unsettled(consts.matrix, lower, logits, labels)
+            todo = {p: idx for p, idx in binding.items() if p not in final}
+            bar.total = max(consts.solves + len(todo), 1)
+            bar.update(consts.solves, eta=_eta(times, len(todo), budget))
+            if not todo:
+                return
+            typical = float(np.median(times)) if times else 0.0
+            if budget.limited and (budget.expired() or budget.remaining() < 0.5 * typical):
+                budget.note_cut(f"pairwise LipSDP: {len(todo)} pair(s) that decide radii were not tightened")
+                return
+            (y, j), idx = max(todo.items(), key=lambda kv: (len(kv[1]), -kv[0][0], -kv[0][1]))  # the most points first
+            opts: dict[str, Any] = {}
+            target = _settle_value(consts.matrix, lower, logits, (y, j), idx)
+            if target > 0:
+                opts["target"] = target
+            if (y, j) in resume:
+                opts.update(init=resume[(y, j)], start_factor=RESUME_FACTOR)
+            start = time.perf_counter()
+            value = solver.pair(y, j, _pair_settings(settings, budget, lambda *_: bar.update(consts.solves, eta=_eta(times, len(todo), budget)), opts))
+            times.append(time.perf_counter() - start)
+            consts.solves += 1
+            solved = solver.solved
+            if (y, j) not in consts.tightened:
                 consts.tightened.append((y, j))
-                if value is not None and value < consts.matrix[y, j]:
-                    consts.matrix[y, j] = consts.matrix[j, y] = value
-                    consts.how[f"{y},{j}"] = consts.how[f"{j},{y}"] = "LipSDP pairwise"
-                if budget.limited and budget.expired():
-                    budget.note_cut("pairwise LipSDP stopped early (proven, looser pair bounds)")
-            bar.update(len(todo))
+            improved = value is not None and value < consts.matrix[y, j]
+            if improved:
+                consts.matrix[y, j] = consts.matrix[j, y] = value
+                consts.how[f"{y},{j}"] = consts.how[f"{j},{y}"] = "LipSDP pairwise"
+            low = _dual_bound(solved, value)
+            if low > lower[y, j]:
+                lower[y, j] = lower[j, y] = low
+            if improved and solved is not None and solved.solver_status == "target" and solved.multipliers is not None:
+                resume[(y, j)] = solved.multipliers
+            else:
+                final.add((y, j))  # solved to PAIR_TOL, or the solver can do no better here
+            if budget.limited and budget.expired():
+                budget.note_cut("pairwise LipSDP stopped early (proven, looser pair bounds)")
 
 
-def _pair_settings(settings: Settings, budget: Budget, redraw: Any) -> Settings:
+def _tighten_all(consts: PairwiseConstants, solver: Any, settings: Settings, budget: Budget, k: int, times: list[float]) -> None:
+    """Every pair by LipSDP to PAIR_TOL (``pairs="all"``)."""
+    todo = [(y, j) for y in range(k) for j in range(y + 1, k)]
+    with progress.bar("pairwise LipSDP", len(todo)) as bar:
+        for n, (y, j) in enumerate(todo):
+            bar.update(n, eta=_eta(times, len(todo) - n, budget))
+            typical = float(np.median(times)) if times else 0.0
+            if budget.limited and (budget.expired() or budget.remaining() < 0.5 * typical):
+                budget.note_cut(f"pairwise LipSDP: {len(todo) - n} pair(s) were not tightened")
+                return
+            start = time.perf_counter()
+            value = solver.pair(y, j, _pair_settings(settings, budget, lambda *_: bar.update(n, eta=_eta(times, len(todo) - n, budget))))
+            times.append(time.perf_counter() - start)
+            consts.tightened.append((y, j))
+            consts.solves += 1
+            if value is not None and value < consts.matrix[y, j]:
+                consts.matrix[y, j] = consts.matrix[j, y] = value
+                consts.how[f"{y},{j}"] = consts.how[f"{j},{y}"] = "LipSDP pairwise"
+            if budget.limited and budget.expired():
+                budget.note_cut("pairwise LipSDP stopped early (proven, looser pair bounds)")
+        bar.update(len(todo))
+
+
+def _margins(row: np.ndarray) -> tuple[int, np.ndarray]:
+    y = int(row.argmax())
+    margins = row[y] - row
+    return y, margins
+
+
+def _unsettled(matrix: np.ndarray, lower: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[tuple[int, int], list[int]]:
+    """``binding_pairs`` restricted to the points not yet settled: radius < SETTLE x r_up, where
+    r_up = min_j margin_j / lower[y, j] (inf while no pair of the point has a dual bound)."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for pair, idx in binding_pairs(matrix, logits, labels).items():
+        keep = []
+        for i in idx:
+            y, margins = _margins(logits[i])
+            others = [c for c in range(len(margins)) if c != y]
+            radius = float(np.min(margins[others] / matrix[y, others]))
+            with np.errstate(divide="ignore"):
+                r_up = float(np.min(np.where(lower[y, others] > 0, margins[others] / np.maximum(lower[y, others], 1e-300), np.inf)))
+            if radius < SETTLE * r_up:
+                keep.append(i)
+        if keep:
+            out[pair] = keep
+    return out
+
+
+def _settle_value(matrix: np.ndarray, lower: np.ndarray, logits: np.ndarray, pair: tuple[int, int], idx: list[int]) -> float:
+    """The bound for ``pair`` at which it settles the points ``idx`` (those it decides now): its
+    radius margin / K reaches SETTLE x r_up for each; 0 when some point has no r_up yet (the
+    pair is then solved to PAIR_TOL)."""
+    out = math.inf
+    for i in idx:
+        y, margins = _margins(logits[i])
+        other = pair[1] if pair[0] == y else pair[0]
+        others = [c for c in range(len(margins)) if c != y]
+        with np.errstate(divide="ignore"):
+            r_up = float(np.min(np.where(lower[y, others] > 0, margins[others] / np.maximum(lower[y, others], 1e-300), np.inf)))
+        if not math.isfinite(r_up) or r_up <= 0:
+            return 0.0
+        out = min(out, margins[other] / (SETTLE * r_up))
+    return float(out) if math.isfinite(out) else 0.0
+
+
+def _dual_bound(solved: Any, value: float | None) -> float:
+    """A lower bound on the pair's LipSDP optimum in the units of ``value`` (the composed pair
+    bound): the solver's dual bound on the output section, scaled as its proven bound was (the
+    composition is a product, or a sum with it, so the scaled value stays below the composed
+    optimum). 0 when the solver has none."""
+    if solved is None or value is None or not solved.value:
+        return 0.0
+    low = solved.info.get("lower_value")
+    if low is None or not math.isfinite(low) or low <= 0:
+        return 0.0
+    return float(value) * min(float(low) / float(solved.value), 1.0)
+
+
+def _pair_settings(settings: Settings, budget: Budget, redraw: Any, opts: dict[str, Any] | None = None) -> Settings:
     """One pair's solve: up to the budget's end, redrawing the pairs' bar at each solver step (in
-    place of the solver's own status line)."""
+    place of the solver's own status line); ``opts``: more lipcert-fast options (target, init)."""
     from .estimators.sdp import FAST, solver_label
 
     if solver_label(settings) == FAST:
-        settings = dataclasses.replace(settings, extra={**settings.extra, "solver_opts": {**settings.extra.get("solver_opts", {}), "progress": redraw}})
+        settings = dataclasses.replace(settings, extra={**settings.extra, "solver_opts": {**settings.extra.get("solver_opts", {}), **(opts or {}), "progress": redraw}})
     return settings_with_deadline(settings, budget.deadline()) if budget.limited else settings
 
 
@@ -299,8 +416,8 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     the predictions, and the constants used and how each was obtained. ``constants``: reuse
     constants computed before; ``proven``: results already computed for this model and norm
     (see ``pairwise_constants``). ``pairs``: "binding" tightens by LipSDP only the pairs that
-    decide a radius of these points (the same radii as "all", which tightens every pair: see
-    ``pairwise_constants``). ``budget``: seconds (None or 0: no limit) or a Budget; what it cut
+    decide a radius of these points (radii at least SETTLE = 0.96 x those of optimal pair
+    bounds; "all" tightens every pair to PAIR_TOL: see ``pairwise_constants``). ``budget``: seconds (None or 0: no limit) or a Budget; what it cut
     is in ``budget.cut``. ``settings``: solver settings for LipSDP (solver, variant, options).
     ``local``: also search, per point, the largest radius r that local constants over the ball
     B(x, r) certify (lipcert.local; dense chains only), and keep the larger radius;

@@ -348,7 +348,7 @@ def _eps_list(ctx: click.Context, param: click.Parameter, value: tuple[float, ..
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Norm of the perturbation.")
 @click.option("--method", type=click.Choice(["sdp", "naive"]), default="sdp", show_default=True, help="How the pairwise margin constants are bounded (sdp: LipSDP for l2 where it applies).")
 @click.option("--pairs", type=click.Choice(["binding", "all"]), default="binding", show_default=True,
-              help="With --method sdp: tighten by LipSDP only the class pairs that decide some point's radius (the same radii), or every pair.")
+              help="With --method sdp: tighten by LipSDP only the class pairs that decide some point's radius, as far as needed (radii at least 96% of those of optimal pair bounds), or every pair.")
 @budget_option(120.0)
 @click.option("--local", "local", is_flag=True, help="Also certify each point with local constants over the ball B(x, r) itself (dense chains; larger radii).")
 @output_options

@@ -280,6 +280,7 @@ class PairSolver:
         self.n_out = W.shape[0]
         self._bounds: dict[str, tuple[float, str]] | None = None
         self.multipliers: list[np.ndarray] | None = None  # of the output section's last successful solve
+        self.solved: Solved | None = None  # the output section's last solve (its solver status, e.g. "target")
 
     @property
     def dim(self) -> int:
@@ -314,7 +315,7 @@ class PairSolver:
         if self.out_section.problem is None:
             value: float | None = float(np.linalg.norm(rows, 2)) * (1.0 + SAFETY)
         else:
-            solved = solve_problem(self.out_section.problem.with_last(rows), settings or self.settings)
+            solved = self.solved = solve_problem(self.out_section.problem.with_last(rows), settings or self.settings)
             value = solved.value
             if solved.multipliers is not None:
                 self.multipliers = solved.multipliers

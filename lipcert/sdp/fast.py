@@ -57,7 +57,7 @@ from .problem import LipSDPProblem, expand_multipliers
 log = logging.getLogger(__name__)
 
 VARIANTS = ("neuron", "layer")
-OPTIONS = ("tol", "max_iter", "time_limit", "scale", "init", "threads", "progress")
+OPTIONS = ("tol", "max_iter", "time_limit", "scale", "init", "threads", "progress", "target", "start_factor")
 F64 = torch.float64
 # step lengths: from the dense matrix L^-1 D L^-T up to this size (block Krylov estimates, the exact
 # eigenvalue when an estimate fails), Lanczos on the operator above (measured crossover)
@@ -651,11 +651,14 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     within 5e-7 of the LipSDP optimum), max_iter (60), time_limit (seconds, None), scale (rescale
     the layers, True), init (multipliers in the original coordinates to start from, when strictly
     feasible), threads (BLAS threads for torch during the solve, 1), progress (a callable
-    ``progress(iteration, value, gap)`` called at every step; value is sqrt(rho), not verified).
+    ``progress(iteration, value, gap)`` called at every step; value is sqrt(rho), not verified),
+    target (stop as soon as sqrt(rho) <= target: status "target"), start_factor (the start's rho
+    over the smallest feasible one for its multipliers, START_FACTOR; closer to 1 resumes from
+    good multipliers without giving much of their value back).
 
     Returns (multipliers, info): one nonnegative array per hidden layer in the coordinates of
     ``problem`` (constant per layer for "layer"), or None when no strictly feasible point was
-    found; info has status ("optimal", "max_iter", "time_limit", "stalled", "failed: ..."),
+    found; info has status ("optimal", "target", "max_iter", "time_limit", "stalled", "failed: ..."),
     iterations, gap (relative duality gap on rho proven by a dual feasible point; inf if none),
     solver_value (sqrt of the solver's rho), lower_value (sqrt of the dual bound: no multipliers of
     this variant give less), start_value (the value of the layer-wise start: one multiplier per
@@ -674,6 +677,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     tol = float(opts.get("tol", 1e-6))
     max_iter = int(opts.get("max_iter", 60))
     time_limit = opts.get("time_limit")
+    target = opts.get("target")  # stop once sqrt(rho) <= target (every iterate's rho is feasible)
     report = opts.get("progress")  # called as report(iteration, sqrt(rho), gap) at every step
     info: dict = {"method": f"lipcert-fast primal-dual interior point (LipSDP-{variant.capitalize()})", "variant": variant, "status": "failed", "iterations": 0, "gap": math.inf, "solver_value": None, "lower_value": None, "time_s": 0.0}
 
@@ -706,7 +710,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         return done("failed: no strictly feasible start")
     info["start_value"] = math.sqrt(rho * work.kappa2)  # the layer-wise (ECLipsE-Fast-style) start
     info["interior"] = work.to_original(lam)  # strictly feasible, well inside: see sdp.verify_best
-    start = _centred_start(work, theta, lam, rho, START_FACTOR)
+    start = _centred_start(work, theta, lam, rho, float(opts.get("start_factor", START_FACTOR)))
     if start is None:
         return done("failed: start not strictly feasible")
     rho, S, Sinv, X, LX, x = start
@@ -735,6 +739,9 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
             report(it, math.sqrt(max(rho, 0.0) * work.kappa2), gap)
         if gap <= tol:
             status = "optimal"
+            break
+        if target is not None and rho * work.kappa2 <= target * target:
+            status = "target"  # the caller needs no smaller value (certify: the pair no longer decides a radius)
             break
         if it >= max_iter:
             break
