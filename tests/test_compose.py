@@ -14,6 +14,7 @@ import lipcert
 from lipcert.config import Settings
 from lipcert.estimators import ESTIMATORS
 from lipcert.estimators import compose as C
+from zoo import jacobian_lower as _jacobian_lower
 
 
 def _mlp(widths: list[int], act: str, seed: int) -> torch.nn.Sequential:
@@ -28,17 +29,6 @@ def _mlp(widths: list[int], act: str, seed: int) -> torch.nn.Sequential:
         if k < len(widths) - 2:
             layers.append(make())
     return torch.nn.Sequential(*layers).double()
-
-
-def _jacobian_lower(graph, n: int = 200, seed: int = 0) -> float:
-    """max ||J(x)||_2 over random points: a witnessed lower bound on the Lipschitz constant."""
-    gen = torch.Generator().manual_seed(seed)
-    best = 0.0
-    for _ in range(n):
-        x = torch.randn((1, *graph.input_shape), generator=gen, dtype=torch.float64) * 2
-        J = torch.autograd.functional.jacobian(lambda t: graph.forward(t).flatten(), x).reshape(graph.output_dim, -1)
-        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
-    return best
 
 
 def _compose(graph):

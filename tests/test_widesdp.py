@@ -16,6 +16,7 @@ from lipcert.config import Settings
 from lipcert.estimators import ESTIMATORS
 from lipcert.estimators import widesdp as WS
 from lipcert.graph import MaxPool
+from zoo import jacobian_lower as _jacobian_lower
 
 
 def _lipsdp_neuron(W: np.ndarray, Wl: np.ndarray) -> tuple[float, np.ndarray]:
@@ -33,16 +34,6 @@ def _lipsdp_neuron(W: np.ndarray, Wl: np.ndarray) -> tuple[float, np.ndarray]:
 def _exact_one_hidden(W: np.ndarray, Wl: np.ndarray) -> float:
     """max over activation patterns of ||Wl D W||: the Lipschitz constant's upper end for relu."""
     return max(np.linalg.norm(Wl @ np.diag(d) @ W, 2) for d in itertools.product([0.0, 1.0], repeat=W.shape[0]))
-
-
-def _jacobian_lower(graph, n: int = 200, seed: int = 0) -> float:
-    gen = torch.Generator().manual_seed(seed)
-    best = 0.0
-    for _ in range(n):
-        x = torch.randn((1, *graph.input_shape), generator=gen, dtype=torch.float64) * 2
-        J = torch.autograd.functional.jacobian(lambda t: graph.forward(t).flatten(), x).reshape(graph.output_dim, -1)
-        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
-    return best
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 9])

@@ -82,3 +82,14 @@ def residual_scaled(scale: float = 0.5) -> ZooNet:
 
 def all_nets() -> list[ZooNet]:
     return [single_linear(), one_hidden_relu(), diagonal_chain(), residual_scaled()]
+
+
+def jacobian_lower(graph, n: int = 200, seed: int = 0) -> float:
+    """max ||J(x)||_2 over random points: a witnessed lower bound on the Lipschitz constant."""
+    gen = torch.Generator().manual_seed(seed)
+    best = 0.0
+    for _ in range(n):
+        x = torch.randn((1, *graph.input_shape), generator=gen, dtype=torch.float64) * 2
+        J = torch.autograd.functional.jacobian(lambda t: graph.forward(t).flatten(), x).reshape(graph.output_dim, -1)
+        best = max(best, float(torch.linalg.matrix_norm(J, 2)))
+    return best
