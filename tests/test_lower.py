@@ -199,11 +199,11 @@ def test_large_networks_get_a_search_that_fits_the_work_budget(monkeypatch):
     from lipcert.estimators import lower
 
     graph = _conv_net(16, 16)
-    full = lower.search_work(graph, 64, 50, lower.PROPOSALS)
+    full = lower.search_work(graph, "2", 64, 50, lower.PROPOSALS)
     monkeypatch.setitem(lower.SEARCH_FLOPS, "cpu", full / 20)
     starts, steps, proposals, screen, note = lower.plan_search(graph, Settings(), torch.device("cpu"))
     assert starts < 64 and steps < 50 and proposals == 1 and note and "--starts" in note
-    assert lower.search_work(graph, starts, steps, proposals, screen) <= full / 20
+    assert lower.search_work(graph, "2", starts, steps, proposals, screen) <= full / 20
     assert lower.plan_search(graph, Settings(starts=64), torch.device("cpu"))[:3] == (64, 50, lower.PROPOSALS)
     r = lipcert.lower_bound(graph, steps=3)  # sized starts, the user's steps; still a witnessed value
     assert r.settings["steps"] == 3 and r.settings["starts"] < 64 and any("large" in w for w in r.warnings)

@@ -238,10 +238,10 @@ def power_norm(f: Fn, x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tens
 def exact_norms(f: Fn, x: torch.Tensor, m: int, norm: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """jacobian_norm at every point of x, ``chunk`` points per backward pass (for l2 with more
     than POWER_OUTPUTS outputs, the power_norm estimate)."""
-    if norm == "2" and m > POWER_OUTPUTS:
-        parts = [power_norm(f, x[i : i + chunk], m) for i in range(0, len(x), chunk)]
-        return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
-    parts = [jacobian_norm(jacobian(f, x[i : i + chunk], m), norm) for i in range(0, len(x), chunk)]
+    def one(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return power_norm(f, xs, m) if norm == "2" and m > POWER_OUTPUTS else jacobian_norm(jacobian(f, xs, m), norm)
+
+    parts = [one(x[i : i + chunk]) for i in range(0, len(x), chunk)]
     return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
 
@@ -321,8 +321,8 @@ DENSE_STEPS, CONV_STEPS = 200, 50
 DEFAULT_STARTS = 64
 # Work of one default search, in floating-point operations: about 20 s of float32 convolutions
 # on 2 CPU cores (measured: 5-15 GFLOP/s through the smoothed network's double backward); a GPU
-# gets about 70x more. Larger networks get fewer starts, proposals
-# and steps (never below MIN_STARTS and MIN_STEPS); --starts and --steps override it.
+# gets about 70x more. Larger networks get fewer starts, proposals and steps (never below
+# MIN_STARTS and MIN_STEPS); --starts and --steps override it.
 SEARCH_FLOPS = {"cpu": 3e11, "cuda": 2e13}
 MIN_STARTS, MIN_STEPS = 2, 8
 
@@ -346,7 +346,7 @@ def forward_flops(graph: Graph) -> float:
     return sum(_op_flops(n.lin) if isinstance(n, Affine) else float(np.prod(n.out_shape)) for n in graph.nodes)
 
 
-def jacobian_flops(graph: Graph, norm: str = "2") -> float:
+def jacobian_flops(graph: Graph, norm: str) -> float:
     """Operations of one point's exact_norms: a forward and m backward passes (a backward pass
     costing about two forward ones), or the power steps."""
     f, m = forward_flops(graph), max(graph.output_dim, 1)
@@ -355,12 +355,12 @@ def jacobian_flops(graph: Graph, norm: str = "2") -> float:
     return f * (1 + 2 * m)
 
 
-def search_work(graph: Graph, starts: int, steps: int, proposals: int, screen: int | None = None) -> float:
+def search_work(graph: Graph, norm: str, starts: int, steps: int, proposals: int, screen: int | None = None) -> float:
     """Operations of a search: screening and refreshes take exact Jacobians (a forward pass and
     m backward ones, a backward pass costing about two forward ones); every ascent step a smoothed
     forward-backward pass with a power step, and a forward-backward probe per proposal."""
     f, m = forward_flops(graph), max(graph.output_dim, 1)
-    jac = jacobian_flops(graph)
+    jac = jacobian_flops(graph, norm)
     screen = (_screen_size(graph, m, starts) if screen is None else screen) * jac
     ascent = steps * starts * 3 * f * (1 + proposals + 1)
     refresh = -(-steps // REFRESH) * 2 * starts * jac
@@ -376,20 +376,20 @@ def plan_search(graph: Graph, settings: Settings, device: torch.device) -> tuple
     steps, proposals = resolve_steps(graph, settings.steps), PROPOSALS
     screen = _screen_size(graph, m, starts)
     budget = SEARCH_FLOPS["cuda" if device.type == "cuda" else "cpu"]
-    if settings.starts is not None or search_work(graph, starts, steps, proposals, screen) <= budget:
+    if settings.starts is not None or search_work(graph, settings.norm, starts, steps, proposals, screen) <= budget:
         return starts, steps, proposals, screen, None
     proposals = 1
-    jacobian = jacobian_flops(graph)
+    jacobian = jacobian_flops(graph, settings.norm)
     while True:
         screen = max(starts, min(_screen_size(graph, m, starts), int(budget / 3 / jacobian)))
-        if search_work(graph, starts, steps, proposals, screen) <= budget:
+        if search_work(graph, settings.norm, starts, steps, proposals, screen) <= budget:
             break
         if starts <= MIN_STARTS and (settings.steps is not None or steps <= MIN_STEPS):
             break
         starts = max(MIN_STARTS, starts // 2)
         if settings.steps is None:
             steps = max(MIN_STEPS, int(steps * 0.75))
-    work = search_work(graph, starts, steps, proposals, screen)
+    work = search_work(graph, settings.norm, starts, steps, proposals, screen)
     note = (f"the network is large for a full default search: {screen} points screened, {starts} starts, {steps} steps, "
             f"{proposals} proposal per step (about {work:.1e} operations); give --starts and --steps for a longer search")
     return starts, steps, proposals, screen, note
@@ -560,7 +560,7 @@ def lower_bound(model: Any, norm: Any = 2, starts: int | None = None, steps: int
         starts: points improved at once (4x as many, 16x for inputs of at most 64 numbers, are
             screened first); steps: ascent steps. None: 64 starts and 200 steps for dense networks,
             50 with convolutions or pooling, fewer of both for networks too large to search that
-            long in about half a minute (the result's warnings say so); seed: random seed (results
+            long in about 20 s of CPU (the result's warnings say so); seed: random seed (results
             are reproducible).
         device: "cpu", "cuda" (falls back to the CPU with a warning) or "auto".
         data: inputs to start from as well (an array in the input's shape, or an .npz file with ``x``).
