@@ -93,7 +93,8 @@ def run_method(model: str, method: str) -> dict:
 
 def run_solver(model: str, solver: str) -> dict:
     from lipcert.config import Settings
-    from lipcert.estimators.sdp import plan, solve_problem
+    from lipcert.estimators.sdp import plan
+    from lipcert.sdp.solve import solve_problem
 
     graph = _graph(model)
     problems = [s.problem for s in plan(graph)[1] if s.problem is not None]

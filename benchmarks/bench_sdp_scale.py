@@ -118,12 +118,12 @@ def load_problem(spec: dict):
 
 def worker(spec: dict) -> dict:
     from lipcert.sdp import fast as lipsdp_fast
-    from lipcert.estimators.sdp import verify_best
+    from lipcert.sdp.solve import verify_best
 
     problem = load_problem(spec)
     out: dict = {"d": problem.dim, "m": problem.n_hidden}
     _warm_up(spec["method"])
-    from lipcert.estimators.sdp import solve_cvxpy
+    from lipcert.sdp.solve import solve_cvxpy
 
     def once():
         t0 = time.perf_counter()
@@ -168,7 +168,7 @@ def _warm_up(method: str) -> None:
 
         lipsdp_fast.solve(tiny)
     else:
-        from lipcert.estimators.sdp import solve_cvxpy
+        from lipcert.sdp.solve import solve_cvxpy
 
         solve_cvxpy(tiny, "neuron", method)
 
@@ -310,11 +310,11 @@ def render(results: dict) -> str:
         f"the machine was shared with other jobs, load average {', '.join(f'{x:.1f}' for x in mach.get('load_avg_at_end', []))} at the end of the run). "
         "Solver `lipcert-fast` is `lipcert.sdp.fast` (primal-dual interior point on the (rho, lambda) "
         "space with the rank-two structure of each multiplier, block-tridiagonal S, rescaled layers; one BLAS thread). "
-        "The generic solvers run the project's cvxpy formulation (`sdp.solve_cvxpy`, layer-normalised) in separate "
+        "The generic solvers run the project's cvxpy formulation (`lipcert.sdp.solve.solve_cvxpy`, layer-normalised) in separate "
         "processes with a hard time cap. Times are the solver call (problem construction included for cvxpy; "
         f"the median of {REPEATS} runs for every solver when one takes under {REPEAT_BELOW:.0f} s); the "
         "float64 re-verification is not included (its time is listed for the real networks). Every value is "
-        "`sqrt(rho)` re-verified in float64 after the solver returned, as `lipcert bound --method sdp` does (`sdp.verify_best`: "
+        "`sqrt(rho)` re-verified in float64 after the solver returned, as `lipcert bound --method sdp` does (`lipcert.sdp.solve.verify_best`: "
         "`sdp_problem.verify`, and for lipcert-fast, multipliers moved 1e-6..1e-3 toward its interior start when the proof "
         "needs a margin). LipSDP-Neuron throughout.",
     )

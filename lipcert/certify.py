@@ -156,7 +156,8 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
     if method != "sdp" or norm != "2":
         return _cheap_constants(graph, norm, known or estimate(graph, "naive", Settings(norm=norm)))
     from .estimators import ESTIMATORS, sdp
-    from .estimators.sdp import FAST, PairSolver, solver_label
+    from .estimators.sdp import PairSolver
+    from .sdp.solve import FAST, solver_label
 
     solver_opts = dict(s.extra.get("solver_opts", {}))
     if solver_label(s) == FAST:
@@ -363,7 +364,7 @@ def _dual_bound(solved: Any, value: float | None) -> float:
 def _pair_settings(settings: Settings, budget: Budget, redraw: Any, opts: dict[str, Any] | None = None) -> Settings:
     """One pair's solve: up to the budget's end, redrawing the pairs' bar at each solver step (in
     place of the solver's own status line); ``opts``: more lipcert-fast options (target, init)."""
-    from .estimators.sdp import FAST, solver_label
+    from .sdp.solve import FAST, solver_label
 
     if solver_label(settings) == FAST:
         settings = dataclasses.replace(settings, extra={**settings.extra, "solver_opts": {**settings.extra.get("solver_opts", {}), **(opts or {}), "progress": redraw}})

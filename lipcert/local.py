@@ -429,7 +429,7 @@ def _local_sdp(chain: Chain, bounds: Bounds, lasts: list[np.ndarray]) -> list[fl
     """LipSDP with the local per-neuron slopes (stably inactive neurons removed), one solve per
     last layer in ``lasts`` (a matrix, or a row for a margin)."""
     from .config import Settings
-    from .estimators.sdp import solve_problem
+    from .sdp.solve import solve_problem
     from .sdp.problem import LipSDPProblem
 
     keeps = [np.maximum(np.abs(a), np.abs(b)) > 0 for a, b in zip(bounds.alphas, bounds.betas)]

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import lipcert
 from lipcert.budget import Budget, settings_with_deadline
-from lipcert.certify import PAIR_TOL, SETTLE, binding_pairs, certified_radius, pairwise_constants
+from lipcert.certify import PAIR_TOL, SETTLE, binding_pairs, certified_radius
 from lipcert.cli import main
 from lipcert.config import Settings
 from lipcert.estimators import ESTIMATORS, estimate_all, sdp

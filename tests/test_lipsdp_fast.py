@@ -282,7 +282,7 @@ def nearly_singular(problem: LipSDPProblem, lams: list[np.ndarray]) -> list[np.n
 
 
 def test_verify_best_moves_nearly_singular_multipliers_inside():
-    from lipcert.estimators.sdp import verify_best
+    from lipcert.sdp.solve import verify_best
 
     problem = random_problem([5, 10, 10, 3], "relu", 4)
     lams, info = lipsdp_fast.solve(problem)

@@ -16,8 +16,9 @@ import lipcert.sdp.solve as sdp_solve
 from lipcert.cli import format_results, main
 from lipcert.config import Settings
 from lipcert.estimators import ESTIMATORS
-from lipcert.estimators.sdp import pairwise_lipschitz, solve_cvxpy
+from lipcert.estimators.sdp import pairwise_lipschitz
 from lipcert.sdp.problem import LipSDPProblem, problem_from_graph, verify
+from lipcert.sdp.solve import solve_cvxpy
 from conftest import MODELS, SHARED_MODELS
 from zoo import one_hidden_relu, single_linear
 
@@ -209,7 +210,7 @@ def test_fast_solver_failure_falls_back_to_a_generic_solver(spiral, monkeypatch)
     r = lipcert.bound(spiral, method="sdp")
     attempts = r.details["sections"][0]["attempts"]
     assert r.certified and attempts[0]["solver"] == "lipcert-fast" and "boom" in attempts[0]["status"]
-    assert attempts[1]["solver"] == sdp.default_solver() and attempts[1]["status"] == "ok"
+    assert attempts[1]["solver"] == sdp_solve.default_solver() and attempts[1]["status"] == "ok"
     monkeypatch.setattr(sdp_solve, "solve_cvxpy", lambda *a, **k: (None, {"status": "infeasible"}))
     r = lipcert.bound(spiral, method="sdp")
     assert r.value is None and "boom" in r.status and "infeasible" in r.status
@@ -286,7 +287,7 @@ def test_a_failed_section_fails_the_whole_bound(monkeypatch):
     def second_fails(problem, settings):
         calls.append(problem.dim)
         out = real(problem, settings)
-        return out if len(calls) != 2 else sdp.Solved(None, None, "solver_failed: test", "X", "failed", 0.0)
+        return out if len(calls) != 2 else sdp_solve.Solved(None, None, "solver_failed: test", "X", "failed", 0.0)
 
     monkeypatch.setattr(sdp, "solve_problem", second_fails)
     r = lipcert.bound(graph, method="sdp")

@@ -31,9 +31,9 @@ from .base import SAFETY, register
 from .naive import node_lipschitz_bounds
 from ..graph.rewrite import expand_pair_sorts
 from ..sdp.problem import LipSDPProblem, problem_from_graph
-from ..sdp.solve import (  # noqa: F401  (solve_cvxpy, verify_best, default_solver: part of this method's interface)
-    CVXPY_MAX_DIM, FAST, LMI_MAX_DIM, LONG_DIM, START_S_PER_ROW3, Solved, check_solver, default_solver, fast_solver_available,
-    solve_cvxpy, solve_problem, solver_label, verify_best, verify_seconds,
+from ..sdp.solve import (
+    CVXPY_MAX_DIM, LMI_MAX_DIM, LONG_DIM, START_S_PER_ROW3, Solved, check_solver, fast_solver_available, solve_problem, solver_label,
+    verify_seconds,
 )
 
 log = logging.getLogger(__name__)

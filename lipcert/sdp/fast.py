@@ -709,7 +709,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     if rho is None:
         return done("failed: no strictly feasible start")
     info["start_value"] = math.sqrt(rho * work.kappa2)  # the layer-wise (ECLipsE-Fast-style) start
-    info["interior"] = work.to_original(lam)  # strictly feasible, well inside: see sdp.verify_best
+    info["interior"] = work.to_original(lam)  # strictly feasible, well inside: see solve.verify_best
     start = _centred_start(work, theta, lam, rho, float(opts.get("start_factor", START_FACTOR)))
     if start is None:
         return done("failed: start not strictly feasible")
