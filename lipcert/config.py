@@ -12,6 +12,13 @@ from .errors import InputError
 # backward error of an SVD or a sum in float64 is a small multiple of n * 2.2e-16 relative,
 # far below 1e-9 for the sizes lipcert builds densely (n <= 1e5).
 SAFETY = 1e-9
+# float64 machine epsilon, and gamma_k = k eps / (1 - k eps): the relative error bound of a sum or
+# dot product of k terms (Higham), used by every float64 proof (Gram matrices, Cholesky checks)
+EPS = 2.0**-52
+
+
+def gamma(k: int) -> float:
+    return k * EPS / (1.0 - k * EPS)
 
 NORMS = ("2", "inf", "1")
 

@@ -45,7 +45,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from ..config import Settings
+from ..config import EPS, Settings, gamma
 from ..graph import Activation, Affine, Concat, Graph, MaxPool, Node, Sum
 from ..result import Result
 from .base import SAFETY, register
@@ -53,7 +53,6 @@ from .naive import node_lipschitz_bounds
 
 log = logging.getLogger(__name__)
 
-EPS = float(np.finfo(np.float64).eps)
 # Largest layer (entries) that keeps a dense quadratic form: a step factors a matrix of at most
 # twice this size (2 x 4096 rows: about 10 s with 2 cores), never one of a convolution's full size.
 DENSE_STATE = 4096
@@ -63,10 +62,6 @@ DENSE_WEIGHT = 4096 * 6144
 MARGINS = (1e-7, 1e-5, 1e-3)
 
 State = Union[np.ndarray, float]
-
-
-def _gamma(k: int) -> float:
-    return k * EPS / (1.0 - k * EPS)
 
 
 def proven_psd(a: np.ndarray, err_fro: float = 0.0) -> bool:
@@ -84,7 +79,7 @@ def proven_psd(a: np.ndarray, err_fro: float = 0.0) -> bool:
     diag[~(diag > 0)] = 1.0
     D = np.exp2(-np.round(np.log2(np.sqrt(diag))))
     ad = a * D[:, None] * D[None, :]
-    delta = err_fro * float(D.max()) ** 2 + _gamma(d + 1) * d * float(np.abs(np.diag(ad)).max())
+    delta = err_fro * float(D.max()) ** 2 + gamma(d + 1) * d * float(np.abs(np.diag(ad)).max())
     ad[np.diag_indices(d)] -= delta
     return _chol(ad) is not None
 
@@ -188,7 +183,7 @@ def layer_norm(node: Affine) -> float:
 def linear_to_scalar(X: np.ndarray, W: np.ndarray) -> float | None:
     """y with y ||W du||^2 <= du^T X du: y = 1 / t for t X - W^T W >= 0 (proven)."""
     G = _mm(W.T, W)
-    err_g = _gamma(W.shape[0] + 2) * float(np.linalg.norm(W, "fro")) ** 2
+    err_g = gamma(W.shape[0] + 2) * float(np.linalg.norm(W, "fro")) ** 2
     chol = _chol(X)
     if chol is None:
         return None
@@ -254,7 +249,7 @@ def chain_dense(X: np.ndarray, W: np.ndarray, m: float, ab: float) -> np.ndarray
         R = -Y
         R[np.diag_indices(n1)] += lam
         Nm[n:, n:] = R
-        err = (abs(ab) * lam * _gamma(n1 + 2) * wf * wf + 2 * EPS * float(np.linalg.norm(Nm, "fro"))) * 2.0
+        err = (abs(ab) * lam * gamma(n1 + 2) * wf * wf + 2 * EPS * float(np.linalg.norm(Nm, "fro"))) * 2.0
         if proven_psd(Nm, err):
             return Y
     return None
@@ -266,7 +261,7 @@ def chain_from_scalar(x: float, W: np.ndarray, m: float) -> np.ndarray | None:
     N's Schur complement."""
     n1 = W.shape[0]
     G = _sym(_mm(W, W.T))
-    err_g = _gamma(W.shape[1] + 2) * float(np.linalg.norm(W, "fro")) ** 2
+    err_g = gamma(W.shape[1] + 2) * float(np.linalg.norm(W, "fro")) ** 2
     s = _lam_max(G)
     if not (s > 0 and m > 0 and x > 0):
         return None
@@ -288,7 +283,7 @@ def chain_to_scalar(X: np.ndarray, W: np.ndarray, m: float, ab: float) -> float 
     """Dense state (small) -> scalar state (large layer): y with
     X - (m^2 lambda^2 / (lambda - y) - alpha beta lambda) W^T W >= 0, proven in the small dimension."""
     G = _sym(_mm(W.T, W))
-    err_g = _gamma(W.shape[0] + 2) * float(np.linalg.norm(W, "fro")) ** 2
+    err_g = gamma(W.shape[0] + 2) * float(np.linalg.norm(W, "fro")) ** 2
     chol = _chol(X)
     if chol is None:
         return None
@@ -365,8 +360,8 @@ def block_dense(X: np.ndarray, W1: np.ndarray, m: float, ab: float, S: np.ndarra
         Nm = assemble(lam)
         Q = _mm(B.T, Y, B)
         A = Nm - _sym(Q)
-        err = 2.0 * (_gamma(2 * B.shape[0] + 2) * bf * bf * float(np.linalg.norm(Y, "fro"))
-                     + abs(ab) * lam * _gamma(h + 2) * float(np.linalg.norm(W1, "fro")) ** 2
+        err = 2.0 * (gamma(2 * B.shape[0] + 2) * bf * bf * float(np.linalg.norm(Y, "fro"))
+                     + abs(ab) * lam * gamma(h + 2) * float(np.linalg.norm(W1, "fro")) ** 2
                      + 2 * EPS * float(np.linalg.norm(A, "fro")))
         if proven_psd(A, err):
             return Y
@@ -408,7 +403,7 @@ def wide_layer_to_scalar(X: np.ndarray, W: np.ndarray, m: float, ab: float, Wl: 
         return Q
 
     def err(lam: float, Q: np.ndarray) -> float:
-        g = _gamma(h + 2)
+        g = gamma(h + 2)
         return 2.0 * (c2 * lam * g * wf * wf + 2 * m * math.sqrt(lam) * g * wf * lf + g * lf * lf + 4 * EPS * float(np.linalg.norm(Q, "fro")))
 
     def feasible(lam: float, y: float) -> bool:  # a float test only; the proof is below

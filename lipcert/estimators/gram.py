@@ -20,14 +20,13 @@ import time
 
 import numpy as np
 
-from ..config import Settings
+from ..config import EPS, Settings
 from ..graph import Affine, Graph, Node
 from ..graph.linear import Conv, as_conv, fft_conv_bound
 from ..result import Result
 from .base import SAFETY, register
 from .naive import branch_warnings, node_lipschitz_bounds
 
-EPS = np.finfo(np.float64).eps
 
 
 def gram_bound(mats: np.ndarray, iterations: int) -> float:

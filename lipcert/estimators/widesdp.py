@@ -56,11 +56,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import Settings
+from ..config import EPS, Settings, gamma
 from ..graph import Activation, Affine, Graph, MaxPool
 from ..result import Result
 from .base import register
-from .compose import DENSE_STATE, EPS, MARGINS, _dense_of, _gamma, _is_dense, compose_bound, compose_result, proven_psd
+from .compose import DENSE_STATE, MARGINS, _dense_of, _is_dense, compose_bound, compose_result, proven_psd
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +493,7 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
             D_abs[:, layer.l2_unit, layer.l2_unit] += A_abs @ cv
             C_abs[:, layer.l2_unit, :] += (A_abs @ th)[:, None] * np.abs(layer.Wz).sum(1)
         # |computed - exact| <= g_dc * |.| entrywise for D and C (a few products and sums each)
-        g_dc = _gamma(2 * n + 2 * k + t.shape[1] + 8)
+        g_dc = gamma(2 * n + 2 * k + t.shape[1] + 8)
         D_abs *= 1 + g_dc
         C_abs *= 1 + g_dc
         # E_g: (c + r) x n, the off-diagonal block of Aug for group g: [-C_g^T; V_g^T]
@@ -504,7 +504,7 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
         delta = 0.5 * ev[:, 0]
         if not np.all(delta > 0):
             return False
-        back = _gamma(n + 1) * n * np.abs(np.diagonal(D, axis1=1, axis2=2)).max(1)
+        back = gamma(n + 1) * n * np.abs(np.diagonal(D, axis1=1, axis2=2)).max(1)
         err_d = g_dc * np.sqrt((D_abs**2).sum((1, 2))) + 2 * EPS * (delta + np.abs(np.diagonal(D, axis1=1, axis2=2)).max(1)) + back
         shifted = D - (delta + err_d)[:, None, None] * np.eye(n)
         _, info = torch.linalg.cholesky_ex(torch.from_numpy(shifted))
@@ -521,7 +521,7 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
             Wa = np.abs(layer.Wz)
             blocks_abs[:, :c, :c] += A_abs.sum(1)[:, None, None] * (Wa.transpose(0, 2, 1) @ Wa)
         Delta = E - Y @ D
-        Delta_err = _gamma(n + 2) * (E_abs + Ya @ D_abs) + g_dc * (E_abs + Ya @ D_abs)
+        Delta_err = gamma(n + 2) * (E_abs + Ya @ D_abs) + g_dc * (E_abs + Ya @ D_abs)
         dnorm = np.sqrt((Delta**2).sum((1, 2))) * (1 + 4 * EPS) + np.sqrt((Delta_err**2).sum((1, 2))) * (1 + 4 * EPS)
         eps_needed = float(np.sum(dnorm**2 / delta)) * (1 + 1e-6)
         K = np.zeros((n_in + r, n_in + r))
@@ -532,7 +532,7 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
     # rounding: the block products (inner size n, plus the product chain Y D Y^T), the scatter sum
     # over the groups, the entries' own errors (already in D_abs, E_abs via g_dc), the K - sum and
     # rho X; gamma of the total count, on the absolute values, covers all of them
-    g_all = _gamma(3 * n + k + G + 10) + 3 * g_dc
+    g_all = gamma(3 * n + k + G + 10) + 3 * g_dc
     err = g_all * float(np.linalg.norm(R_abs, "fro")) * (1 + 1e-6) + 2 * EPS * float(np.linalg.norm(K, "fro"))
     R[np.diag_indices(n_in + r)] -= eps_needed
     err += EPS * (float(np.linalg.norm(np.diag(R))) + eps_needed * math.sqrt(n_in + r))

@@ -23,8 +23,10 @@ for an SVD (a 64-channel 32x32 layer is 65536 x 65536). Three routes, fastest fi
   has the norm of its adjoint, a plain convolution on its uncropped output (the crop only
   removes rows).
 
-Rounding: the FFT of a kernel has a relative error of O(log(N) eps) and a float64 SVD a
-backward error of O(c eps ||block||); both are far below the estimators' SAFETY margin.
+Rounding: the DFT of a kernel (one product with a table of phases over its taps) has a
+relative error of O(taps eps) and a float64 SVD or eigensolve a backward error of
+O(c eps ||block||); both are far below the estimators' SAFETY margin. Gram matrices and the
+Cholesky proofs carry their own allowances (max_singular, _top_eig_certified).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import math
 from typing import Iterator
 
 import torch
+
+from ..config import EPS, gamma
 
 # Dense route when a layer's groups cost at most this many flops (about g * n_min^2 * n_max for
 # the SVDs) and hold at most DENSE_ENTRIES numbers: a few seconds at most (the
@@ -73,11 +77,6 @@ def current_device() -> torch.device:
 SVD_SIZE = 64  # blocks with a side at most this, and few blocks, go through a batched SVD (exact)
 EIG_BLOCKS = 4  # at most this many large blocks: one Hermitian eigensolve each (exact)
 CHOL_SIDE = 16  # many blocks with a side above this: Gram matrices, Cholesky proofs (_top_eig_certified)
-EPS = 2.0**-52
-
-
-def _gamma(k: int) -> float:
-    return k * EPS / (1.0 - k * EPS)
 
 
 def _ritz_estimates(gram: torch.Tensor, iters: int = 4) -> torch.Tensor:
@@ -113,7 +112,7 @@ def _top_eig_certified(gram: torch.Tensor) -> float:
     shifted = gram[rest].neg_()  # a copy: (lam - delta) I - G
     diag = shifted.diagonal(dim1=-2, dim2=-1)
     diag_max = lam + float(diag.real.max())
-    delta = (2.0 if gram.is_complex() else 1.0) * _gamma(n + 1) * n * max(diag_max, lam)
+    delta = (2.0 if gram.is_complex() else 1.0) * gamma(n + 1) * n * max(diag_max, lam)
     diag += lam - delta
     _, info = torch.linalg.cholesky_ex(shifted)
     failed = info != 0

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..graph import Activation, Affine, Graph
-from ..config import SAFETY
+from ..config import SAFETY, gamma
 
-EPS = np.finfo(np.float64).eps
 
 
 @dataclass
@@ -167,7 +166,6 @@ def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Ve
     # layers span many decades (ACAS Xu: 1e-2 .. 1e10).
     d = problem.dim
     n_max = max(problem.widths) + 2
-    gamma = lambda k: k * EPS / (1 - k * EPS)  # noqa: E731
     abs_c = problem.assemble(lams, absolute=True)
     scale = max(rho_star, float(np.abs(np.diag(C)).max()), 1e-300)
     idx = np.arange(n0)
