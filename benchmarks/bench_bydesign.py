@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmark the lipcert of this tree, not another install
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 from results_md import publish  # noqa: E402
 
 SECTION = "## Lipschitz-by-design networks"
@@ -33,17 +34,7 @@ def networks():
     import torch
     from deel import torchlip as tl
     from torch.nn.utils import parametrizations
-
-    class GroupSort(torch.nn.Module):
-        def __init__(self, size: int) -> None:
-            super().__init__()
-            self.size = size
-
-        def forward(self, x):
-            g = x.reshape(x.shape[0], -1, self.size)
-            if self.size == 2:
-                return torch.cat([g.min(-1, keepdim=True)[0], g.max(-1, keepdim=True)[0]], -1).reshape(x.shape)
-            return torch.sort(g, -1)[0].reshape(x.shape)
+    from zoo import GroupSort  # tests/zoo.py: the same module the tests use
 
     def orth(n_in: int, n_out: int | None = None):
         return parametrizations.orthogonal(torch.nn.Linear(n_in, n_out or n_in))

@@ -24,6 +24,7 @@ from lipcert.estimators import estimate
 from lipcert.graph import Extremum, NormPool, Sort
 from onnx_helpers import graph_model, one_node_model
 from test_onnx_ops import run_both
+from zoo import GroupSort
 
 RNG = np.random.default_rng(7)
 NORMS = ("2", "inf", "1")
@@ -188,18 +189,6 @@ def orthogonal_linear(n: int, m: int | None = None, seed: int = 0) -> torch.nn.L
         layer.weight.copy_(q[: m or n])
         layer.bias.normal_(generator=gen)
     return layer
-
-
-class GroupSort(torch.nn.Module):
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def forward(self, x):
-        g = x.reshape(x.shape[0], -1, self.size)
-        if self.size == 2:
-            return torch.cat([g.min(-1, keepdim=True)[0], g.max(-1, keepdim=True)[0]], -1).reshape(x.shape)
-        return torch.sort(g, -1)[0].reshape(x.shape)
 
 
 class MaxMin(torch.nn.Module):

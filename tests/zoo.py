@@ -93,3 +93,18 @@ def jacobian_lower(graph, n: int = 200, seed: int = 0) -> float:
         J = torch.autograd.functional.jacobian(lambda t: graph.forward(t).flatten(), x).reshape(graph.output_dim, -1)
         best = max(best, float(torch.linalg.matrix_norm(J, 2)))
     return best
+
+
+class GroupSort(torch.nn.Module):
+    """GroupSort activation (Anil et al. 2019): sorts consecutive groups of ``size`` features
+    (size 2: MaxMin). Used by the by-design tests and benchmarks/bench_bydesign.py."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        g = x.reshape(x.shape[0], -1, self.size)
+        if self.size == 2:
+            return torch.cat([g.min(-1, keepdim=True)[0], g.max(-1, keepdim=True)[0]], -1).reshape(x.shape)
+        return torch.sort(g, -1)[0].reshape(x.shape)
