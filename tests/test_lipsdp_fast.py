@@ -322,3 +322,26 @@ def test_acas_xu_verified_by_verify():
     problem = problem_from_graph(lipcert.load(str(SHARED_MODELS / "vnncomp2021" / ACAS[0])))
     lams, _ = lipsdp_fast.solve(problem)
     assert verify(problem, lams).ok
+
+
+def test_mixed_precision_reaches_the_double_precision_optimum(monkeypatch):
+    """Above DENSE_DIM rows the first steps run in float32 (forced here on a small problem): the
+    same verified optimum as float64 throughout, and a dual bound (recomputed in float64) that is
+    not above it, also when the solver stops inside the float32 phase."""
+    monkeypatch.setattr(lipsdp_fast, "DENSE_DIM", 0)
+    problem = random_problem([12, 20, 16, 16, 4], "leaky", 7)
+    double, info_d = lipsdp_fast.solve(problem, precision="double")
+    mixed, info_m = lipsdp_fast.solve(problem)
+    assert info_d["single_steps"] == 0 and info_m["single_steps"] > 0
+    assert info_m["status"] == info_d["status"] == "optimal"
+    a, b = verify(problem, double), verify(problem, mixed)
+    assert a.ok and b.ok and abs(a.value - b.value) <= 1e-6 * a.value
+    assert info_m["lower_value"] <= a.value
+    early, info_e = lipsdp_fast.solve(problem, tol=1e-1)  # stops on a float32 gap, checked in float64
+    assert info_e["status"] == "optimal" and info_e["gap"] <= 1e-1
+    assert info_e["lower_value"] <= a.value <= verify(problem, early).value
+    cut, info_c = lipsdp_fast.solve(problem, max_iter=2)  # stopped inside the float32 phase
+    assert info_c["single_steps"] == 2 and verify(problem, cut).ok
+    assert info_c["lower_value"] is None or info_c["lower_value"] <= a.value
+    with pytest.raises(ValueError, match="precision"):
+        lipsdp_fast.solve(problem, precision="half")
