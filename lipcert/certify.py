@@ -134,7 +134,7 @@ def binding_pairs(matrix: np.ndarray, logits: np.ndarray, labels: np.ndarray) ->
 
 def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", settings: Settings | None = None,
                        proven: list[Result] | None = None, *, points: tuple[np.ndarray, np.ndarray] | None = None,
-                       budget: Budget | float | None = None) -> PairwiseConstants:
+                       budget: Budget | float | None = None, jobs: int | None = None) -> PairwiseConstants:
     """Proven bounds on the Lipschitz constant of every margin f_y - f_j, once per model.
 
     Every pair gets the smaller of the naive pairwise bound and the global fallback (a factor
@@ -147,7 +147,9 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
     ``proven``: results already computed for this graph and norm (e.g. by a report); the best
     proven one is the global bound, instead of solving for it again. ``budget`` (seconds, or a
     ``lipcert.budget.Budget``; None or 0: no limit): LipSDP stops at it with proven, looser values,
-    and tightening stops when the next pair would not fit; what was cut is in ``budget.cut``."""
+    and tightening stops when the next pair would not fit; what was cut is in ``budget.cut``.
+    ``jobs``: pairs solved at once in worker processes (None: one per core when a pair's solve
+    takes seconds; 1: in this process)."""
     norm = normalize_norm(norm, "pairwise_constants")
     check_choice("pairwise_constants", "method", method, ("sdp", "naive"))
     budget = budget if isinstance(budget, Budget) else Budget(budget)
@@ -200,7 +202,7 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
         progress.note(f"pairwise LipSDP skipped: a matrix inequality of {solver.dim} rows per pair takes minutes; "
                       "the global LipSDP bound is used (give --budget SECONDS to tighten pairs within it)")
         return consts
-    _tighten(consts, solver, sdp_settings, budget, points, k, global_s)
+    _tighten(consts, solver, sdp_settings, budget, points, k, global_s, jobs)
     return consts
 
 
@@ -221,51 +223,83 @@ def _left(budget: Budget) -> str:
 
 
 def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget: Budget,
-             points: tuple[np.ndarray, np.ndarray] | None, k: int, pair_s: float) -> None:
+             points: tuple[np.ndarray, np.ndarray] | None, k: int, pair_s: float, jobs: int | None = None) -> None:
     """Tighten the pairs that matter (all pairs without ``points``) by LipSDP, in place.
 
-    With ``points``, one pair at a time. Every solve gives, besides its proven bound K, the
-    solver's dual bound on the pair's LipSDP optimum (no LipSDP multipliers prove less); so for a
-    point, r_up = min_j margin_j / dual_j bounds the radius that optimal LipSDP bounds of all
+    With ``points``, pairs are chosen one at a time. Every solve gives, besides its proven bound K,
+    the solver's dual bound on the pair's LipSDP optimum (no LipSDP multipliers prove less); so for
+    a point, r_up = min_j margin_j / dual_j bounds the radius that optimal LipSDP bounds of all
     pairs would give. A point is settled when its radius is at least SETTLE x r_up. The pair that
     decides the radius of the most unsettled points is solved next: to PAIR_TOL, or only until
     its bound settles those points (lipcert-fast's ``target``) when they have an r_up already; a
     pair stopped at a target resumes from its own multipliers if it decides again. A pair solved
     to PAIR_TOL settles the points it decides (sqrt(1 - PAIR_TOL) >= SETTLE), so the loop ends, and
     then every radius is at least SETTLE x the optimal pairs' radius (the dual bounds are the
-    solver's floating-point claims: they decide when to stop, never a reported value)."""
+    solver's floating-point claims: they decide when to stop, never a reported value).
+
+    ``jobs`` pairs are solved at once, in worker processes (``lipcert.sdp.pool``; None: one per
+    core for pair problems of seconds, see ``jobs_for``): the next pair is chosen whenever one
+    finishes, from what is known then."""
+    from .sdp.pool import done_future, jobs_for, pool_or_none
+
     times: list[float] = [pair_s] if pair_s > 0 else []
-    if points is None:
-        _tighten_all(consts, solver, settings, budget, k, times)
-        return
-    logits, labels = points
+    n_jobs = jobs_for(solver.dim, jobs) if solver.dim else 1
+    all_pairs = [(y, j) for y in range(k) for j in range(y + 1, k)]
+    if points is not None:
+        logits, labels = points
     lower = np.zeros_like(consts.matrix)  # dual bounds on each pair's LipSDP optimum (0: none yet)
     final: set[tuple[int, int]] = set()  # solved to PAIR_TOL (or as far as the solver got)
     resume: dict[tuple[int, int], list[np.ndarray]] = {}
-    with progress.bar("pairwise LipSDP", 1) as bar:
+    inflight: dict[tuple[int, int], tuple[Any, float]] = {}  # pair -> (future, start time)
+    name = "pairwise LipSDP" + (f" ({n_jobs} at once)" if n_jobs > 1 else "")
+    with progress.bar(name, 1) as bar, pool_or_none(n_jobs) as pool:
+        redraw = lambda *_: bar.update(consts.solves, eta=_eta(times, len(todo), budget, n_jobs))  # noqa: E731
+
+        def submit(pair: tuple[int, int], opts: dict[str, Any]):
+            pair_settings = _pair_settings(settings, budget, redraw, opts)
+            if pool is None:
+                return done_future(lambda: (solver.pair(*pair, pair_settings), solver.solved))
+            return pool.submit(solver.output_problem(np.atleast_2d(solver.W[pair[0]] - solver.W[pair[1]])), pair_settings)
+
         while True:
-            binding = _unsettled(consts.matrix, lower, logits, labels)
-            todo = {p: idx for p, idx in binding.items() if p not in final}
-            bar.total = max(consts.solves + len(todo), 1)
-            bar.update(consts.solves, eta=_eta(times, len(todo), budget))
-            if not todo:
-                return
+            if points is None:
+                todo = {p: [] for p in all_pairs if p not in final and p not in inflight}
+            else:
+                binding = _unsettled(consts.matrix, lower, logits, labels)
+                todo = {p: idx for p, idx in binding.items() if p not in final and p not in inflight}
+            bar.total = max(consts.solves + len(todo) + len(inflight), 1)
+            bar.update(consts.solves, eta=_eta(times, len(todo) + len(inflight), budget, n_jobs))
             typical = float(np.median(times)) if times else 0.0
             if budget.limited and (budget.expired() or budget.remaining() < 0.5 * typical):
-                budget.note_cut(f"pairwise LipSDP: {len(todo)} pair(s) that decide radii were not tightened")
+                if not inflight:
+                    if todo:
+                        what = "that decide radii " if points is not None else ""
+                        budget.note_cut(f"pairwise LipSDP: {len(todo)} pair(s) {what}were not tightened")
+                    return
+                todo = {}
+            if not todo and not inflight:
                 return
-            (y, j), idx = max(todo.items(), key=lambda kv: (len(kv[1]), -kv[0][0], -kv[0][1]))  # the most points first
-            opts: dict[str, Any] = {}
-            target = _settle_value(consts.matrix, lower, logits, (y, j), idx)
-            if target > 0:
-                opts["target"] = target
-            if (y, j) in resume:
-                opts.update(init=resume[(y, j)], start_factor=RESUME_FACTOR)
-            start = time.perf_counter()
-            value = solver.pair(y, j, _pair_settings(settings, budget, lambda *_: bar.update(consts.solves, eta=_eta(times, len(todo), budget)), opts))
+            while todo and len(inflight) < n_jobs:
+                # the pair that decides the most points first
+                (y, j), idx = max(todo.items(), key=lambda kv: (len(kv[1]), -kv[0][0], -kv[0][1]))
+                del todo[(y, j)]
+                opts: dict[str, Any] = {}
+                if points is not None:
+                    target = _settle_value(consts.matrix, lower, logits, (y, j), idx)
+                    if target > 0:
+                        opts["target"] = target
+                    if (y, j) in resume:
+                        opts.update(init=resume[(y, j)], start_factor=RESUME_FACTOR)
+                inflight[(y, j)] = (submit((y, j), opts), time.perf_counter())
+            (y, j) = _first_done(inflight)
+            fut, start = inflight.pop((y, j))
+            if pool is None:
+                value, solved = fut.result()
+            else:
+                solved = fut.result()
+                value = solver.compose(solved)
             times.append(time.perf_counter() - start)
             consts.solves += 1
-            solved = solver.solved
             if (y, j) not in consts.tightened:
                 consts.tightened.append((y, j))
             improved = value is not None and value < consts.matrix[y, j]
@@ -275,7 +309,7 @@ def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget:
             low = _dual_bound(solved, value)
             if low > lower[y, j]:
                 lower[y, j] = lower[j, y] = low
-            if improved and solved is not None and solved.solver_status == "target" and solved.multipliers is not None:
+            if points is not None and improved and solved is not None and solved.solver_status == "target" and solved.multipliers is not None:
                 resume[(y, j)] = solved.multipliers
             else:
                 final.add((y, j))  # solved to PAIR_TOL, or the solver can do no better here
@@ -283,27 +317,13 @@ def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget:
                 budget.note_cut("pairwise LipSDP stopped early (proven, looser pair bounds)")
 
 
-def _tighten_all(consts: PairwiseConstants, solver: Any, settings: Settings, budget: Budget, k: int, times: list[float]) -> None:
-    """Every pair by LipSDP to PAIR_TOL (``pairs="all"``)."""
-    todo = [(y, j) for y in range(k) for j in range(y + 1, k)]
-    with progress.bar("pairwise LipSDP", len(todo)) as bar:
-        for n, (y, j) in enumerate(todo):
-            bar.update(n, eta=_eta(times, len(todo) - n, budget))
-            typical = float(np.median(times)) if times else 0.0
-            if budget.limited and (budget.expired() or budget.remaining() < 0.5 * typical):
-                budget.note_cut(f"pairwise LipSDP: {len(todo) - n} pair(s) were not tightened")
-                return
-            start = time.perf_counter()
-            value = solver.pair(y, j, _pair_settings(settings, budget, lambda *_: bar.update(n, eta=_eta(times, len(todo) - n, budget))))
-            times.append(time.perf_counter() - start)
-            consts.tightened.append((y, j))
-            consts.solves += 1
-            if value is not None and value < consts.matrix[y, j]:
-                consts.matrix[y, j] = consts.matrix[j, y] = value
-                consts.how[f"{y},{j}"] = consts.how[f"{j},{y}"] = "LipSDP pairwise"
-            if budget.limited and budget.expired():
-                budget.note_cut("pairwise LipSDP stopped early (proven, looser pair bounds)")
-        bar.update(len(todo))
+def _first_done(inflight: dict[tuple[int, int], tuple[Any, float]]) -> tuple[int, int]:
+    """The in-flight pair whose solve ends first (waiting for it)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    futures = {fut: pair for pair, (fut, _) in inflight.items()}
+    done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+    return min(futures[f] for f in done)
 
 
 def _margins(row: np.ndarray) -> tuple[int, np.ndarray]:
@@ -371,11 +391,12 @@ def _pair_settings(settings: Settings, budget: Budget, redraw: Any, opts: dict[s
     return settings_with_deadline(settings, budget.deadline()) if budget.limited else settings
 
 
-def _eta(times: list[float], left: int, budget: Budget) -> float | None:
-    """Seconds left: the median pair time so far times the pairs left, at most the budget left."""
+def _eta(times: list[float], left: int, budget: Budget, jobs: int = 1) -> float | None:
+    """Seconds left: the median pair time so far times the pairs left (over the pairs solved at
+    once), at most the budget left."""
     if not times:
         return None
-    eta = float(np.median(times)) * left
+    eta = float(np.median(times)) * math.ceil(left / max(jobs, 1))
     return min(eta, budget.remaining())
 
 
@@ -408,7 +429,7 @@ class Certificates:
 def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, method: str = "sdp",
                      input_shape: tuple[int, ...] | None = None, constants: PairwiseConstants | None = None,
                      proven: list[Result] | None = None, pairs: str = "binding", budget: Budget | float | None = None,
-                     settings: Settings | None = None, local: bool = False) -> Certificates:
+                     settings: Settings | None = None, local: bool = False, jobs: int | None = None) -> Certificates:
     """Certified radii for a batch of inputs ``x`` (shape (N, *input_shape)).
 
     ``label``: the true classes (None: certify the predicted class). Misclassified points get
@@ -422,7 +443,8 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     is in ``budget.cut``. ``settings``: solver settings for LipSDP (solver, variant, options).
     ``local``: also search, per point, the largest radius r that local constants over the ball
     B(x, r) certify (lipcert.local; dense chains only), and keep the larger radius;
-    ``Certificates.how`` then says which constant certified each point.
+    ``Certificates.how`` then says which constant certified each point. ``jobs``: pairwise
+    LipSDP problems solved at once (see ``pairwise_constants``).
     """
     from .load import load
 
@@ -439,7 +461,7 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise InputError(f"labels must lie in 0..{logits.shape[1] - 1}", graph.source, "check the labels")
     consts = constants or pairwise_constants(graph, norm, method, settings, proven=proven, budget=budget,
-                                             points=(logits, labels) if pairs == "binding" else None)
+                                             points=(logits, labels) if pairs == "binding" else None, jobs=jobs)
     radii, global_radii = np.zeros(len(xs)), np.zeros(len(xs))
     gfactor = GLOBAL_FACTOR[norm] * consts.global_bound
     for i, (row, y) in enumerate(zip(logits, predicted)):
@@ -469,15 +491,15 @@ def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: Any = 2, method: str = "sdp",
             input_shape: tuple[int, ...] | None = None, proven: list[Result] | None = None,
             budget: Budget | float | None = None, settings: Settings | None = None, pairs: str = "binding",
-            local: bool = False) -> dict[str, Any]:
+            local: bool = False, jobs: int | None = None) -> dict[str, Any]:
     """Certified radii and certified accuracy of a data set, as a JSON-ready dict. ``proven``:
     results already computed for this model and norm (see ``pairwise_constants``); ``budget``,
-    ``settings``, ``pairs``, ``local``: see ``certified_radius``."""
+    ``settings``, ``pairs``, ``local``, ``jobs``: see ``certified_radius``."""
     from .load import load
 
     graph = load(model, input_shape)  # a Graph comes back as is
     certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven, budget=budget, settings=settings,
-                             pairs=pairs, local=local)
+                             pairs=pairs, local=local, jobs=jobs)
     eps = sorted(eps) if eps else []
     top = float(certs.radii.max()) if len(certs.radii) else 0.0
     grid = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, 41)

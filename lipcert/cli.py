@@ -48,6 +48,13 @@ def budget_option(default: float | None, extra: str = "") -> Callable:
                              f"says what was cut. 0: no limit.{extra}{shown}")
 
 
+def jobs_option(fn: Callable) -> Callable:
+    """--jobs N: pairwise LipSDP problems solved at once, one worker process each."""
+    return click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Pairwise LipSDP problems solved at once, one process each (1: in this process).  "
+                             "[default: one per core when a pair takes seconds, else 1]")(fn)
+
+
 def _budget_lines(budget: Any) -> list[str]:
     """What the budget cut and how to get more, for the table output (empty when nothing was cut)."""
     if budget is None or not budget.cut:
@@ -350,10 +357,11 @@ def _eps_list(ctx: click.Context, param: click.Parameter, value: tuple[float, ..
 @click.option("--pairs", type=click.Choice(["binding", "all"]), default="binding", show_default=True,
               help="With --method sdp: tighten by LipSDP only the class pairs that decide some point's radius, as far as needed (radii at least 96% of those of optimal pair bounds), or every pair.")
 @budget_option(120.0)
+@jobs_option
 @click.option("--local", "local", is_flag=True, help="Also certify each point with local constants over the ball B(x, r) itself (dense chains; larger radii).")
 @output_options
 @friendly_errors
-def certify(model: str, input_shape, data: str, eps: list[float], norm: str, method: str, pairs: str, budget: float, local: bool, as_json: bool, quiet: bool) -> None:
+def certify(model: str, input_shape, data: str, eps: list[float], norm: str, method: str, pairs: str, budget: float, jobs: int | None, local: bool, as_json: bool, quiet: bool) -> None:
     """Certified radii and certified accuracy of MODEL on a data set.
 
     A point is certified at radius eps when it is classified correctly and no perturbation of
@@ -374,7 +382,7 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
     graph = _load(model, input_shape)
     x, y = load_dataset(data)
     progress.note("computing the pairwise margin constants" + (f" (budget {budget:g} s) ..." if allowance.limited else " ..."))
-    out = run_certify(graph, x, y, eps, norm=norm, method=method, budget=allowance, pairs=pairs, local=local)
+    out = run_certify(graph, x, y, eps, norm=norm, method=method, budget=allowance, pairs=pairs, local=local, jobs=jobs)
     if as_json:
         click.echo(json.dumps({"model": model, "sha256": graph.sha256, "data": data, **out, "budget": _budget_json(allowance)}))
         return
@@ -402,10 +410,11 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
 @budget_option(120.0)
+@jobs_option
 @click.option("--local", "local", is_flag=True, help="With --data: also local certified radii and a PGD attack, drawn against the global ones.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @friendly_errors
-def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, budget: float, local: bool, quiet: bool) -> None:
+def report(model: str, input_shape, data: str | None, output: str, norm: str, seed: int, budget: float, jobs: int | None, local: bool, quiet: bool) -> None:
     """Write a self-contained HTML report on MODEL: the interval [lower, upper], every method,
     per-layer norms, the witness and, with --data, certified accuracy.
 
@@ -430,7 +439,7 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
     if data is not None:
         x, y = load_dataset(data)
         progress.note("certifying the data ...")
-        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results, budget=allowance, local=local)  # reuse the bounds just computed
+        cert = run_certify(graph, x, y, [0.01, 0.02, 0.05, 0.1], norm=norm, proven=results, budget=allowance, local=local, jobs=jobs)  # reuse the bounds just computed
         if local:
             from .attack import attack
 

@@ -191,3 +191,31 @@ def test_pair_stopped_at_a_target_is_proven_and_resumes(tenclass):
     out = graph.forward(xs.reshape(len(xs), 1, 12)).reshape(len(xs), -1)
     (g,) = torch.autograd.grad((out[:, 2] - out[:, 7]).sum(), xs)
     assert g.norm(dim=1).max().item() <= min(optimum, stopped, resumed)
+
+
+@pytest.mark.slow
+def test_pairs_solved_in_worker_processes_give_the_same_constants(tenclass, radii):
+    """--jobs 2: pairs solved two at a time in worker processes. "all": the very constants of the
+    one-process run (the same solves); "binding": chosen as pairs finish, radii still between
+    SETTLE x the optimal pairs' radii and those radii, never below naive."""
+    graph, x = tenclass
+    every = certified_radius(graph, x, pairs="all", jobs=2)
+    np.testing.assert_allclose(every.constants.matrix, radii["all"].constants.matrix, rtol=1e-9)
+    b = certified_radius(graph, x, jobs=2)
+    opt = radii["optimal"].radii
+    assert (b.radii >= SETTLE * opt * (1 - 1e-9)).all() and (b.radii <= opt * (1 + 1e-6)).all()
+    assert (b.radii >= radii["naive"].radii * (1 - 1e-12)).all()
+    assert 0 < b.constants.solves < 45
+
+
+def test_jobs_follow_the_problem_size_and_memory(monkeypatch):
+    from lipcert.sdp import pool
+
+    assert pool.jobs_for(200) == 1 and pool.jobs_for(200, jobs=3) == 3
+    monkeypatch.setattr(pool, "cores", lambda: 8)
+    monkeypatch.setattr(pool, "_available_bytes", lambda: 64e9)
+    assert pool.jobs_for(1300) == pool.MAX_AUTO_JOBS
+    monkeypatch.setattr(pool, "_available_bytes", lambda: 1.5e9)  # two workers of 1300 rows fit (0.62 GB each), not three
+    assert pool.jobs_for(1300) == 2
+    monkeypatch.setattr(pool, "_available_bytes", lambda: 1e8)
+    assert pool.jobs_for(6000) == 1

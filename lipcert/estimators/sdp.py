@@ -309,16 +309,26 @@ class PairSolver:
 
     def last_layer(self, rows: np.ndarray, settings: Settings | None = None) -> float | None:
         """The proven bound of the network whose last linear map is ``rows`` (e.g. a row difference)."""
-        bounds = self._others()
-        if bounds is None:
+        if self._others() is None:
             return None
         if self.out_section.problem is None:
-            value: float | None = float(np.linalg.norm(rows, 2)) * (1.0 + SAFETY)
-        else:
-            solved = self.solved = solve_problem(self.out_section.problem.with_last(rows), settings or self.settings)
-            value = solved.value
-            if solved.multipliers is not None:
-                self.multipliers = solved.multipliers
-        if value is None:
-            return None
-        return _compose(self.merged, self.sections, {**bounds, self.last.name: (value, "pairwise")})[0]
+            return self._composed(float(np.linalg.norm(rows, 2)) * (1.0 + SAFETY))
+        return self.compose(solve_problem(self.output_problem(rows), settings or self.settings))
+
+    def output_problem(self, rows: np.ndarray) -> LipSDPProblem:
+        """The output section's LipSDP problem with last linear map ``rows`` (to be solved elsewhere,
+        e.g. in a worker process, and handed to ``compose``)."""
+        assert self.out_section.problem is not None, "the output is a lone affine layer: use last_layer"
+        return self.out_section.problem.with_last(rows)
+
+    def compose(self, solved: Solved) -> float | None:
+        """The proven bound of the whole network from a solve of ``output_problem`` (the other
+        sections are solved here on first use)."""
+        self.solved = solved
+        if solved.multipliers is not None:
+            self.multipliers = solved.multipliers
+        return None if solved.value is None or self._others() is None else self._composed(solved.value)
+
+    def _composed(self, value: float) -> float:
+        assert self._bounds is not None
+        return _compose(self.merged, self.sections, {**self._bounds, self.last.name: (value, "pairwise")})[0]
