@@ -208,6 +208,26 @@ def test_pairs_solved_in_worker_processes_give_the_same_constants(tenclass, radi
     assert 0 < b.constants.solves < 45
 
 
+@pytest.mark.slow
+def test_worker_processes_do_not_rerun_a_script_without_a_main_guard(tmp_path):
+    """A user's script without `if __name__ == "__main__":` calls certify with --jobs 2: the
+    spawned workers must not run the script again (they would start the pool again, and fail)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import numpy as np, torch, lipcert\n"
+        "from lipcert.certify import certified_radius\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\n"
+        "graph = lipcert.load(net, (1, 4))\n"
+        "out = certified_radius(graph, np.random.default_rng(0).normal(size=(5, 4)), jobs=2)\n"
+        "print('RUNS', len(out.radii))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("RUNS") == 1
+
+
 def test_jobs_follow_the_problem_size_and_memory(monkeypatch):
     from lipcert.sdp import pool
 

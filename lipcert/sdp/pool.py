@@ -10,9 +10,12 @@ only worth it for problems whose solve takes seconds (``jobs_for``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
+import sys
 import time
+import types
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable
 
@@ -84,6 +87,19 @@ class SolvePool:
         self._env = {k: os.environ.get(k) for k in _THREAD_VARS}
         os.environ.update({k: "1" for k in _THREAD_VARS})
         self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        # Start every worker now, with the caller's __main__ hidden: a spawned process otherwise
+        # re-runs the caller's script first (a script without `if __name__ == "__main__":` would
+        # then start its work again in each worker, and fail); the workers need nothing from it.
+        # An executor starts one process per task submitted while none is idle.
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            started = [self._pool.submit(int) for _ in range(self.jobs)]
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
+        for fut in started:
+            fut.result()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -102,8 +118,6 @@ class SolvePool:
         opts = dict(extra.get("solver_opts", {}))
         opts["progress"] = None  # no status line from a worker either
         extra["solver_opts"] = opts
-        import dataclasses
-
         worker_settings = dataclasses.replace(settings, extra=extra)
         left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
         return self._pool.submit(_solve_job, problem, worker_settings, left)
