@@ -175,14 +175,25 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
         progress.note(f"pairwise LipSDP skipped: {exc.message()}")
         solver = None
     from .sdp.pool import jobs_for
+    from .sdp.solve import least_solve_seconds
 
+    # one solve of the output section, however early it stops (start and verification): a budget
+    # that cannot hold it skips it instead of overrunning
+    least = least_solve_seconds(solver.dim) if solver is not None and solver.dim else 0.0
     glob, global_s, global_job = known, 0.0, None
+    if glob is None and budget.limited and budget.remaining() < least:
+        glob = estimate(graph, "naive", Settings(norm=norm))
+        budget.note_cut(f"LipSDP skipped: one solve of its {solver.dim}-row matrix inequality takes at least about {least:.0f} s, "
+                        f"the budget left {budget.remaining():.0f} s")
+        return _cheap_constants(graph, norm, glob)
     if glob is None:
         glob = estimate(graph, "naive", Settings(norm=norm))
         # the global LipSDP bound: the fallback of every pair not tightened. Half the budget when
-        # pairs follow (about one pair's time), all of it when they cannot.
+        # pairs follow (about one pair's time; at least what one solve needs), all of it when they cannot.
         pairs_follow = solver is not None and (solver.dim < sdp.LONG_DIM or budget.limited)
         share = 0.5 if pairs_follow else 1.0
+        if budget.limited and budget.remaining() > 0:
+            share = min(1.0, max(share, least / budget.remaining()))
         start = time.perf_counter()
         # when pairs follow, to GLOBAL_TOL (the bound within 0.05% of `lipcert bound --method sdp`'s,
         # a few steps fewer); else at the default tolerance, the same bound
@@ -192,8 +203,9 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
         global_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra=global_extra)
         if budget.limited:
             global_settings = settings_with_deadline(global_settings, budget.deadline(share), budget.remaining() * share)
-        if pairs_follow and points is not None and solver.dim and jobs_for(solver.dim, jobs) > 1:
-            # solved in a worker beside the first pairs (chosen from the naive fallback meanwhile)
+        if pairs_follow and points is not None and 0 < solver.dim < sdp.LONG_DIM and jobs_for(solver.dim, jobs) > 1:
+            # solved in a worker beside the first pairs (chosen from the naive fallback meanwhile);
+            # larger problems get the machine to themselves first
             global_job = global_settings
         else:
             full = _global_sdp(graph, solver, global_settings, budget)
@@ -208,7 +220,7 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
         progress.note(f"pairwise LipSDP skipped: a matrix inequality of {solver.dim} rows per pair takes minutes; "
                       "the global LipSDP bound is used (give --budget SECONDS to tighten pairs within it)")
         return consts
-    _tighten(consts, solver, sdp_settings, budget, points, k, global_s, jobs, global_job)
+    _tighten(consts, solver, sdp_settings, budget, points, k, global_s, jobs, global_job, least)
     return consts
 
 
@@ -247,7 +259,7 @@ def _left(budget: Budget) -> str:
 
 def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget: Budget,
              points: tuple[np.ndarray, np.ndarray] | None, k: int, pair_s: float, jobs: int | None = None,
-             global_job: Settings | None = None) -> None:
+             global_job: Settings | None = None, least_s: float = 0.0) -> None:
     """Tighten the pairs that matter (all pairs without ``points``) by LipSDP, in place.
 
     With ``points``, pairs are chosen one at a time. Every solve gives, besides its proven bound K,
@@ -264,7 +276,9 @@ def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget:
     ``jobs`` pairs are solved at once, in worker processes (``lipcert.sdp.pool``; None: one per
     core for pair problems of seconds, see ``jobs_for``): the next pair is chosen whenever one
     finishes, from what is known then. ``global_job``: the settings of the global LipSDP, solved
-    in a worker beside the first pairs; its bound replaces the fallback when it arrives."""
+    in a worker beside the first pairs; its bound replaces the fallback when it arrives. Under a
+    budget, no pair starts with less than ``least_s`` (one solve's least time) or half a typical
+    pair's time left."""
     from .sdp.pool import done_future, jobs_for, pool_or_none
 
     times: list[float] = [pair_s] if pair_s > 0 else []
@@ -298,7 +312,7 @@ def _tighten(consts: PairwiseConstants, solver: Any, settings: Settings, budget:
             bar.total = max(consts.solves + len(todo) + len(inflight), 1)
             bar.update(consts.solves, eta=_eta(times, len(todo) + len(inflight), budget, n_jobs))
             typical = float(np.median(times)) if times else 0.0
-            if budget.limited and (budget.expired() or budget.remaining() < 0.5 * typical):
+            if budget.limited and (budget.expired() or budget.remaining() < max(0.5 * typical, least_s)):
                 if not inflight:
                     if todo:
                         what = "that decide radii " if points is not None else ""

@@ -123,11 +123,29 @@ def test_lipsdp_stopped_by_a_deadline_still_proves_a_bound(tenclass):
 
 def test_a_method_that_cannot_start_within_the_budget_is_skipped(tenclass, monkeypatch):
     graph, _ = tenclass
-    monkeypatch.setattr(sdp, "START_S_PER_ROW3", 1e6)
+    from lipcert.sdp import solve
+
+    monkeypatch.setattr(solve, "START_S_PER_ROW3", 1e6)
     budget = Budget(30)
     results, skipped = estimate_all(graph, QUICK, budget=budget)
     assert "sdp" in skipped and "--budget" in skipped["sdp"] and "sdp skipped" in budget.cut
     assert [r.method for r in results] == [m for m in ESTIMATORS if m != "sdp"]
+
+
+def test_certify_skips_lipsdp_that_cannot_fit_in_the_budget(tenclass, radii, monkeypatch):
+    """When one LipSDP solve cannot fit in what is left of the budget (its start and float64
+    verification alone), certify keeps the cheap proven constants and says so, on time."""
+    from lipcert.sdp import solve
+
+    graph, x = tenclass
+    monkeypatch.setattr(solve, "START_S_PER_ROW3", 1e6)
+    budget = Budget(30)
+    start = time.perf_counter()
+    out = certified_radius(graph, x, budget=budget)
+    assert time.perf_counter() - start < 30
+    assert any(c.startswith("LipSDP skipped") for c in budget.cut)
+    np.testing.assert_array_equal(out.radii, radii["naive"].radii)
+    assert out.constants.solves == 0
 
 
 def test_cli_budget_is_reported(tmp_path):

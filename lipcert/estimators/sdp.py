@@ -32,8 +32,7 @@ from .naive import node_lipschitz_bounds
 from ..graph.rewrite import expand_pair_sorts
 from ..sdp.problem import LipSDPProblem, problem_from_graph
 from ..sdp.solve import (
-    CVXPY_MAX_DIM, LMI_MAX_DIM, LONG_DIM, START_S_PER_ROW3, Solved, check_solver, fast_solver_available, solve_problem, solver_label,
-    verify_seconds,
+    CVXPY_MAX_DIM, LMI_MAX_DIM, LONG_DIM, Solved, check_solver, fast_solver_available, least_solve_seconds, solve_problem, solver_label,
 )
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ class LipSDP:
         """A rough estimate of the least time a run takes, however early its solves stop: each
         section's start (about two solver steps) and its float64 verification (see verify_seconds)."""
         _, sections = plan(graph)
-        return sum(START_S_PER_ROW3 * float(s.problem.dim) ** 3 + verify_seconds(s.problem.dim) for s in sections if s.problem is not None)
+        return sum(least_solve_seconds(s.problem.dim) for s in sections if s.problem is not None)
 
     def accepts(self, graph: Graph, settings: Settings) -> str | None:
         if (reason := _check_norm(settings)) is not None:

@@ -794,7 +794,8 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
             break
         # stop at the limit, or before a step that would end past it (the last step's length)
         now = time.perf_counter()
-        if time_limit is not None and now - t_start + (now - t_step if it else 0.0) > time_limit:
+        # (before the first step, the start's time: about two steps)
+        if time_limit is not None and now - t_start + (now - t_step if it else 0.5 * (now - t_start)) > time_limit:
             status = "time_limit"
             break
         t_step = now

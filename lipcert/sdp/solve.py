@@ -320,6 +320,12 @@ def verify_seconds(dim: int) -> float:
     return VERIFY_S_PER_ROW3 * float(dim) ** 3
 
 
+def least_solve_seconds(dim: int) -> float:
+    """A rough estimate of the least time one lipcert-fast solve of ``dim`` rows takes, however
+    early it stops: its start (about two steps) and its float64 verification."""
+    return START_S_PER_ROW3 * float(dim) ** 3 + verify_seconds(dim)
+
+
 def _attempt_record(s: Solved) -> dict[str, Any]:
     return {"solver": s.solver, "status": s.status, "solver_status": s.solver_status, "solver_value": s.solver_value,
             "verified_value": s.value, "time_s": s.time_s, "verify_time_s": s.verify_time_s,
