@@ -196,3 +196,19 @@ def test_convnet_avgpool_real_network():
     (step,) = r.details["wide_sdp"]  # the step ran and was proven (the walk keeps the better state)
     assert math.sqrt(step["rho"]) >= 54.414  # the witnessed lower bound (RESULTS.md, ascent)
     assert 54.414 <= r.value <= 103.2811 * (1 + 1e-6)  # compose's value (RESULTS.md) at worst
+
+
+def test_a_budget_deadline_limits_the_search_and_the_bound_stays_proven():
+    """Under a budget (settings.extra["deadline"], as estimate_all sets it) the multiplier search
+    gets half of the time left; a search cut there still gives a proven bound, and says it was cut."""
+    import time
+
+    from lipcert.budget import settings_with_deadline
+
+    graph = lipcert.load(_pool_net(3, 1, 5), (1, 1, 6, 6))
+    settings = settings_with_deadline(Settings(), time.perf_counter() + 2.0)
+    r = ESTIMATORS["sdp-wide"].run(graph, settings)
+    assert r.settings["search_time_limit"] <= 1.0
+    info = r.details["wide_sdp"][0]
+    assert info["stopped_at_limit"] and info["search_s"] < 3.0
+    assert r.certified and r.value < r.details["naive_value"] and r.value >= _jacobian_lower(graph, 100)

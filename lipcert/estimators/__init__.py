@@ -77,5 +77,6 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
 
 
 def _was_cut(result: Result) -> bool:
-    """Whether a LipSDP solve in ``result`` stopped at its time limit."""
-    return any(s.get("solver_status") == "time_limit" for s in result.details.get("sections", []))
+    """Whether a LipSDP solve (or sdp-wide's multiplier search) in ``result`` stopped at its time limit."""
+    return (any(s.get("solver_status") == "time_limit" for s in result.details.get("sections", []))
+            or any(w.get("stopped_at_limit") for w in result.details.get("wide_sdp", [])))

@@ -390,7 +390,8 @@ def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float =
         history.append((evals, time.perf_counter() - start, best_rho(tl, torch.exp(s), Xi)))
         if time.perf_counter() - start > time_limit:
             break
-    info = {"initial_rho": rho0, "history": history, "evaluations": evals, "search_s": time.perf_counter() - start}
+    info = {"initial_rho": rho0, "history": history, "evaluations": evals, "search_s": time.perf_counter() - start,
+            "stopped_at_limit": time.perf_counter() - start > time_limit}
     return torch.exp(s).numpy(), info
 
 
@@ -622,12 +623,18 @@ class SdpWide:
     description = ("the compositional walk, with LipSDP-Neuron over each wide layer (activations, max-pooling) "
                    "before a narrow linear map, posed in the small dimension; proven l2 bound, minutes")
 
+    stops_early = True  # at settings.extra["deadline"]: the multiplier searches stop with what they have, still proven
+
     def accepts(self, graph: Graph, settings: Settings) -> str | None:
         return None if settings.norm == "2" else "the wide-layer LipSDP bounds the l2 norm only"
 
     def run(self, graph: Graph, settings: Settings) -> Result:
         start = time.perf_counter()
         limit = float(settings.extra.get("fast_time_limit") or TIME_LIMIT)
+        deadline = settings.extra.get("deadline")
+        if deadline is not None:
+            # a budget's share: the searches get half of it, the walk and the float64 proofs the rest
+            limit = min(limit, max(0.5 * (float(deadline) - start), 1.0))
         info: list[dict] = []
         value, naive, steps = compose_bound(graph, wide_sdp_time=limit, info=info)
         for item in info:  # keep the JSON small: the search history as (evaluations, seconds, rho)
