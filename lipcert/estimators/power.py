@@ -11,7 +11,7 @@ import torch
 
 from ..config import Settings
 from ..graph import Affine, Graph, Node
-from ..graph.linear import LinearOp, as_conv, vjp_linear
+from ..graph.linear import LinearOp, as_conv
 from ..result import Result
 from .base import register
 from .naive import branch_warnings, node_lipschitz_bounds
@@ -63,7 +63,7 @@ def layer_power(lin: LinearOp, iterations: int, seed: int, device: str = "cpu") 
     dev = torch.device(device)
     w32 = conv.weight.to(dev, torch.float32)
     apply32 = lambda x: conv._conv(x, w32)  # noqa: E731
-    adjoint32 = lambda y: vjp_linear(apply32, conv.in_shape, y)  # noqa: E731
+    adjoint32 = lambda y: conv._conv_adjoint(y, w32)  # noqa: E731  (transposed convolution, no autograd)
     # float32 cannot settle below ~1e-7: stop at 1e-6
     _, v = power_iteration(apply32, adjoint32, conv.in_shape, iterations, seed, tol=1e-6, dtype=torch.float32, device=dev)
     v64 = v.to("cpu", torch.float64).unsqueeze(0)
