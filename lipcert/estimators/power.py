@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable
 
@@ -72,6 +73,20 @@ def layer_power(lin: LinearOp, iterations: int, seed: int, device: str = "cpu") 
         return float(lin.apply(v64).norm()), v64[0]
 
 
+def layer_powers(nodes: list[Affine], iterations: int, seed: int, device: str = "cpu", workers: int = min(2, os.cpu_count() or 1)) -> dict[str, float]:
+    """layer_power's value for every node, side by side on ``workers`` Python threads with
+    single-threaded torch (see convnorm.single_threaded), the largest operators first; each
+    value is the same as one at a time (each iteration has its own seeded start)."""
+    import concurrent.futures
+
+    from ..graph.convnorm import single_threaded
+
+    todo = sorted(nodes, key=lambda n: float(n.lin.in_dim) * n.lin.out_dim, reverse=True)
+    with single_threaded(), concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {n.name: pool.submit(layer_power, n.lin, iterations, seed, device) for n in todo}
+        return {name: f.result()[0] for name, f in futures.items()}
+
+
 def power_directions(graph: Graph, settings: Settings) -> dict[str, np.ndarray]:
     """Each (merged) affine node's top right singular vector, for the lower-bound search."""
     merged = graph.merge_linear()
@@ -98,9 +113,11 @@ class Power:
         merged = graph.merge_linear()
         device, notes = resolve_device(settings.device)
 
+        sigmas = layer_powers([n for n in merged.nodes if isinstance(n, Affine)], settings.iterations, settings.seed, device)
+
         def node_norm(node: Node, norm: str) -> tuple[float, bool, str]:
             if isinstance(node, Affine):
-                sigma, _ = layer_power(node.lin, settings.iterations, settings.seed, device)
+                sigma = sigmas[node.name]
                 return sigma, False, f"power iteration ({settings.iterations} its, estimate)"
             return node.lipschitz(norm)
 
