@@ -103,7 +103,8 @@ def render(data: dict) -> str:
                              f"{r['exact_layers']}/{r['layers']} | {today if method == 'naive' else ''} |")
             else:
                 lines.append(f"| {net} | {method} | {r['status']} | | | | {today if method == 'naive' else ''} |")
-    return "\n".join(lines) + "\n"
+    lines += [""] + [f"- {note}" for note in data.get("notes", [])]  # added to the JSON by hand, kept by --render
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> None:
