@@ -33,10 +33,12 @@ NETS = ["resnet18_cifar", "resnet34_cifar", "resnet50_imagenet", "vgg11_cifar", 
 
 CHILD = r"""
 import json, resource, sys, time
-sys.path.insert(0, {bench!r})
+sys.path[:0] = [{root!r}, {bench!r}]  # the checkout under test first: its lipcert, not the installed one
 import torch
 from cnn_zoo import ZOO
 import lipcert
+if not lipcert.__file__.startswith({root!r}):
+    raise SystemExit("imported lipcert from " + lipcert.__file__ + ", not from " + {root!r})
 module, shape = ZOO[{net!r}]()
 graph = lipcert.load(module, input_shape=shape)
 start = time.perf_counter()
@@ -47,16 +49,20 @@ else:
 elapsed = time.perf_counter() - start
 exact = sum(1 for layer in r.layers if layer.exact)
 print("RESULT " + json.dumps({{"value": r.value, "time_s": elapsed, "kind": r.kind, "layers": len(r.layers), "exact_layers": exact,
-      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "lipcert": lipcert.__file__}}))
 """
 
 
 def run_one(net: str, method: str, cap: float, lipcert_root: Path) -> dict:
-    code = CHILD.format(bench=str(ROOT / "benchmarks"), net=net, method=method)
-    env = {**os.environ, "PYTHONPATH": str(lipcert_root)}
+    """One (network, method) run in a child process that imports lipcert from ``lipcert_root``
+    (PYTHONPATH and the front of sys.path, run from that directory: an installed or the
+    current directory's lipcert cannot shadow it); the networks always come from this checkout."""
+    root = str(lipcert_root.resolve())
+    code = CHILD.format(root=root, bench=str(ROOT / "benchmarks"), net=net, method=method)
+    env = {**os.environ, "PYTHONPATH": root}
     start = time.perf_counter()
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=cap, env=env)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=cap, env=env, cwd=root)
     except subprocess.TimeoutExpired:
         return {"status": f"> {cap:.0f} s (cap)"}
     for line in out.stdout.splitlines():
@@ -65,15 +71,23 @@ def run_one(net: str, method: str, cap: float, lipcert_root: Path) -> dict:
     return {"status": "failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:120]}
 
 
+def _commit(path: str) -> str:
+    if not path:
+        return "-"
+    out = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
 def render(data: dict) -> str:
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/bench_cnn.py {data['args']}` on {data['machine']}, {data['date']}, load average "
+        f"`python benchmarks/bench_cnn.py {data['args']}` (commit {data.get('commit', '?')}) on {data['machine']}, {data['date']}, load average "
         f"{data['load']} at the start (2 cores shared with other jobs: times are upper estimates of an idle machine's).",
         "Networks from `benchmarks/cnn_zoo.py` (plain torch, random weights, batch-norm with non-trivial statistics).",
         "Time: the method alone after loading; memory: peak resident memory of the process (loading included);",
-        "`today` is the naive method of the baseline checkout on the same network. naive and gram are proven upper bounds,",
+        f"`today` is the naive method of the baseline checkout {data.get('baseline_dir', '?')} (commit {data.get('baseline_commit', '?')}), "
+        "imported from there, on the same network. naive and gram are proven upper bounds,",
         "power an estimate (per-layer power iteration), lower a witnessed lower bound.",
         "",
         "| network | method | value | time | peak memory | layer norms exact | today's naive |",
@@ -89,7 +103,8 @@ def render(data: dict) -> str:
                              f"{r['exact_layers']}/{r['layers']} | {today if method == 'naive' else ''} |")
             else:
                 lines.append(f"| {net} | {method} | {r['status']} | | | | {today if method == 'naive' else ''} |")
-    return "\n".join(lines) + "\n"
+    lines += [""] + [f"- {note}" for note in data.get("notes", [])]  # added to the JSON by hand, kept by --render
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def main() -> None:
@@ -97,7 +112,8 @@ def main() -> None:
     ap.add_argument("--nets", default=",".join(NETS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--cap", type=float, default=600.0)
-    ap.add_argument("--baseline", default="/work/main", help="checkout whose naive is 'today's method' ('' to skip)")
+    ap.add_argument("--baseline", default="/work/main", help="checkout whose naive is 'today's method', e.g. a worktree "
+                    "of an older commit (`git worktree add DIR COMMIT`); '' to skip")
     ap.add_argument("--baseline-cap", type=float, default=600.0)
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--render", action="store_true")
@@ -109,7 +125,8 @@ def main() -> None:
     data = {
         "args": " ".join(sys.argv[1:]), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": f"{os.getloadavg()[0]:.1f}",
-        "results": {}, "baseline": {},
+        "results": {}, "baseline": {}, "baseline_dir": args.baseline, "baseline_commit": _commit(args.baseline),
+        "commit": _commit(str(ROOT)),
     }
     for net in args.nets.split(","):
         data["results"][net] = {}

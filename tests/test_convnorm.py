@@ -193,3 +193,51 @@ def test_device_cuda_falls_back_with_a_note(method):
     assert any("CPU" in w for w in result["warnings"])
     ref = CliRunner().invoke(main, ["bound", "models/cnn_bars.onnx", "--method", method, "--json"])
     assert json.loads(ref.output)["results"][0]["value"] == pytest.approx(result["value"], rel=1e-12)
+
+
+@pytest.mark.parametrize("g,co,ci,taps,grid", [(1, 40, 24, (3, 3), [6, 6]), (1, 24, 40, (3, 3), [7, 5]), (2, 20, 30, (2, 3), [5, 6]),
+                                               (1, 30, 20, (3,), [9]), (1, 18, 17, (1, 2), [4, 4])])
+def test_autocorrelation_gram_equals_the_dense_gram(g, co, ci, taps, grid):
+    """The Gram matrices built from the kernel's autocorrelation equal W(f)^H W(f) (or W W^H,
+    whichever side is smaller) formed from the frequency blocks, and the proven value of the
+    Gram route is >= the largest singular value of every block (and within 1e-8 of it)."""
+    rng = np.random.default_rng(sum(taps) + co)
+    w = torch.from_numpy(rng.normal(size=(g, co, ci, *taps)))
+    blocks = convnorm._spectrum(w, grid)  # (g * F, co, ci)
+    side = w if co >= ci else w.transpose(1, 2)
+    r, diffs = convnorm._autocorrelation(side)
+    freqs = convnorm._unique_frequencies(grid).to(torch.float64)
+    angle = 2 * np.pi * (diffs / torch.tensor(grid, dtype=torch.float64)) @ freqs.T
+    gram = torch.einsum("df,gdij->gfij", torch.polar(torch.ones_like(angle), -angle), r.to(torch.complex128)).reshape(-1, *r.shape[2:])
+    dense = blocks.mH @ blocks if co >= ci else (blocks @ blocks.mH).conj()
+    assert torch.allclose(gram, dense, atol=1e-10 * float(dense.abs().max()))
+    ref = float(torch.linalg.svdvals(blocks)[:, 0].max())
+    value, exact_flag = convnorm.gram_route_norm(w, grid)
+    assert exact_flag and ref <= value <= ref * (1 + 1e-8)
+
+
+def test_layer_norms_side_by_side_match_one_at_a_time():
+    """prefetch_l2_norms (threads, single-threaded torch) caches the same values as computing
+    each layer's norm alone (up to rounding), and restores torch's thread count."""
+    rng = np.random.default_rng(11)
+    shapes = [(1, 20, 9, 9), (1, 24, 7, 7), (1, 18, 12, 12)]
+    convs = [Conv(s, rng.normal(size=(22, s[1], 3, 3)), (1, 1), (1, 1, 1, 1), (1, 1)) for s in shapes]
+    fresh = [Conv(c.in_shape, c.weight.numpy(), (1, 1), (1, 1, 1, 1), (1, 1)) for c in convs]
+    threads = torch.get_num_threads()
+    convnorm.prefetch_l2_norms(convs)
+    assert torch.get_num_threads() == threads
+    assert all("_l2" in c.__dict__ for c in convs)
+    for c, f in zip(convs, fresh):  # the same route; the value up to the last bits (BLAS thread count)
+        (a, ea, ha), (b, eb, hb) = c.norm_bound("2"), f.norm_bound("2")
+        assert (ea, ha) == (eb, hb) and a == pytest.approx(b, rel=1e-12)
+
+
+@pytest.mark.parametrize("ci,co,n,k,s,d,g,pad", ZERO_PADDED)
+def test_conv_adjoint_by_transposed_convolution(ci, co, n, k, s, d, g, pad):
+    """Conv.adjoint (a transposed convolution, padding cut away) equals autograd's A^T y."""
+    from lipcert.graph.linear import vjp_linear
+
+    rng = np.random.default_rng(n * 7 + k)
+    conv = Conv((1, ci, n, n), rng.normal(size=(co, ci // g, k, k)), (s, s), (pad, pad, 0, pad + 1), (d, d), g)
+    y = torch.from_numpy(rng.normal(size=(3, *conv.out_shape)))
+    assert torch.allclose(conv.adjoint(y), vjp_linear(conv.apply, conv.in_shape, y), atol=1e-12)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import EPS, Settings
 from ..graph import Affine, Graph, Node
-from ..graph.linear import Conv, as_conv, fft_conv_bound
+from ..graph.linear import Conv, conv_of, fft_conv_bound
 from ..result import Result
 from .base import SAFETY, register
 from .naive import branch_warnings, node_lipschitz_bounds
@@ -80,7 +80,7 @@ def conv_spectrum(conv: Conv) -> np.ndarray:
 
 
 def affine_gram(node: Affine, iterations: int) -> tuple[float, bool, str]:
-    conv = as_conv(node.lin)
+    conv = conv_of(node.lin)
     if conv is not None:  # exact or circular-embedding norms, Gram iteration on the blocks (convnorm)
         return conv.norm_bound("2")
     dense = node.lin.dense()
@@ -111,9 +111,11 @@ class Gram:
         def node_norm(node: Node, norm: str) -> tuple[float, bool, str]:
             return affine_gram(node, its) if isinstance(node, Affine) else node.lipschitz(norm)
 
-        from ..graph.convnorm import on_device
+        from ..graph.convnorm import on_device, prefetch_l2_norms
 
         with on_device(settings.device) as notes:
+            convs = [conv_of(n.lin) for n in merged.nodes if isinstance(n, Affine)]
+            prefetch_l2_norms([c for c in convs if c is not None])
             total, layers = node_lipschitz_bounds(merged, "2", node_norm)
         value = total[merged.output]
         return Result(

@@ -69,11 +69,13 @@ class Naive:
         return None
 
     def run(self, graph: Graph, settings: Settings) -> Result:
-        from ..graph.convnorm import on_device
+        from ..graph.convnorm import on_device, prefetch_l2_norms
 
         start = time.perf_counter()
         merged = graph.merge_linear()
         with on_device(settings.device) as notes:
+            if settings.norm == "2":
+                prefetch_l2_norms([n.lin for n in merged.nodes if isinstance(n, Affine)])
             total, layers = node_lipschitz_bounds(merged, settings.norm)
         return Result(
             method=self.name, kind="upper", norm=settings.norm, value=total[merged.output], certified=True,

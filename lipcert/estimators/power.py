@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable
 
@@ -11,7 +12,7 @@ import torch
 
 from ..config import Settings
 from ..graph import Affine, Graph, Node
-from ..graph.linear import LinearOp, as_conv, vjp_linear
+from ..graph.linear import LinearOp, as_conv
 from ..result import Result
 from .base import register
 from .naive import branch_warnings, node_lipschitz_bounds
@@ -63,13 +64,27 @@ def layer_power(lin: LinearOp, iterations: int, seed: int, device: str = "cpu") 
     dev = torch.device(device)
     w32 = conv.weight.to(dev, torch.float32)
     apply32 = lambda x: conv._conv(x, w32)  # noqa: E731
-    adjoint32 = lambda y: vjp_linear(apply32, conv.in_shape, y)  # noqa: E731
+    adjoint32 = lambda y: conv._conv_adjoint(y, w32)  # noqa: E731  (transposed convolution, no autograd)
     # float32 cannot settle below ~1e-7: stop at 1e-6
     _, v = power_iteration(apply32, adjoint32, conv.in_shape, iterations, seed, tol=1e-6, dtype=torch.float32, device=dev)
     v64 = v.to("cpu", torch.float64).unsqueeze(0)
     v64 /= v64.norm().clamp_min(1e-300)
     with torch.no_grad():
         return float(lin.apply(v64).norm()), v64[0]
+
+
+def layer_powers(nodes: list[Affine], iterations: int, seed: int, device: str = "cpu", workers: int = min(2, os.cpu_count() or 1)) -> dict[str, float]:
+    """layer_power's value for every node, side by side on ``workers`` Python threads with
+    single-threaded torch (see convnorm.single_threaded), the largest operators first; each
+    value is the same as one at a time (each iteration has its own seeded start)."""
+    import concurrent.futures
+
+    from ..graph.convnorm import single_threaded
+
+    todo = sorted(nodes, key=lambda n: float(n.lin.in_dim) * n.lin.out_dim, reverse=True)
+    with single_threaded(), concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {n.name: pool.submit(layer_power, n.lin, iterations, seed, device) for n in todo}
+        return {name: f.result()[0] for name, f in futures.items()}
 
 
 def power_directions(graph: Graph, settings: Settings) -> dict[str, np.ndarray]:
@@ -98,9 +113,11 @@ class Power:
         merged = graph.merge_linear()
         device, notes = resolve_device(settings.device)
 
+        sigmas = layer_powers([n for n in merged.nodes if isinstance(n, Affine)], settings.iterations, settings.seed, device)
+
         def node_norm(node: Node, norm: str) -> tuple[float, bool, str]:
             if isinstance(node, Affine):
-                sigma, _ = layer_power(node.lin, settings.iterations, settings.seed, device)
+                sigma = sigmas[node.name]
                 return sigma, False, f"power iteration ({settings.iterations} its, estimate)"
             return node.lipschitz(norm)
 

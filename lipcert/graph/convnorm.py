@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import math
+import os
 from typing import Iterator
 
 import torch
@@ -72,6 +74,47 @@ def on_device(requested: str) -> Iterator[list[str]]:
 
 def current_device() -> torch.device:
     return torch.device(_device.get())
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch (and its BLAS) on one thread inside the block, the previous count restored after.
+    The layer norms run side by side on a few Python threads instead (torch releases the GIL):
+    on a small shared machine, many BLAS threads per product spin-wait for each other and
+    for other jobs (a ResNet-18 naive took 5.8 s alone, 101 s beside two busy processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _l2_cost(op) -> float:
+    """A rough cost of an operator's l2 norm, to start the largest first."""
+    conv = getattr(op, "conv", None) if not hasattr(op, "l2") else op
+    if conv is None:
+        return float(op.in_dim) * op.out_dim
+    w = conv.weight.shape
+    side = min(w[0], w[1] * math.prod(conv.strides))
+    grid = math.prod(adjoint_grid(conv)) / math.prod(conv.strides)
+    return float(side) ** 2 * max(w[0], w[1]) * (math.prod(w[2:]) ** 2 + grid)
+
+
+def prefetch_l2_norms(ops: list, workers: int = min(2, os.cpu_count() or 1)) -> None:
+    """Compute (and cache on each operator) the l2 norm bounds ``op.norm_bound("2")`` of many
+    linear operators ahead, on ``workers`` Python threads with single-threaded torch, the
+    costliest first; the caller then reads them in its own order (the values are the same as
+    one at a time). The device chosen by ``on_device`` carries over to the threads."""
+    import concurrent.futures
+
+    todo = sorted(ops, key=_l2_cost, reverse=True)
+    if not todo:
+        return
+    with single_threaded(), concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, op.norm_bound, "2") for op in todo]
+        for f in futures:
+            f.result()
 
 
 SVD_SIZE = 64  # blocks with a side at most this, and few blocks, go through a batched SVD (exact)
@@ -221,8 +264,77 @@ def circular_conv_norm(kernel: torch.Tensor, grid: list[int], strides: tuple[int
     phases = math.prod(strides)
     w = w.permute(perm).reshape(g, co, ci * phases, *[kk // s for kk, s in zip(ks, strides)])
     small = [n // s for n, s in zip(grid, strides)]
+    if min(co, ci * phases) > CHOL_SIDE and g * len(_unique_frequencies(small)) > EIG_BLOCKS:
+        return gram_route_norm(w, small)
     blocks = _spectrum(w, small)
     return max_singular(blocks)
+
+
+def _autocorrelation(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a real kernel (g, m, n, *taps) with taps P_t (m x n per group): R_d = sum_t P_t^T
+    P_{t+d} over every tap difference d, as (g, D, n, n), and the differences (D, nd). Only
+    differences d >= -d (lexicographically) are multiplied out; R_{-d} = R_d^T."""
+    g, m, n = w.shape[:3]
+    taps = tuple(w.shape[3:])
+    nd = len(taps)
+    diffs = list(itertools.product(*[range(-(k - 1), k) for k in taps]))
+    where = {d: i for i, d in enumerate(diffs)}
+    out = w.new_empty((g, len(diffs), n, n))
+    perm = [0, 1, *range(3, 3 + nd), 2]  # (g, m, overlap..., n)
+    for d in diffs:
+        neg = tuple(-x for x in d)
+        if d < neg:
+            continue
+        first = tuple(slice(max(0, -x), k - max(0, x)) for x, k in zip(d, taps))  # t with t and t+d taps
+        second = tuple(slice(max(0, x), k + min(0, x)) for x, k in zip(d, taps))  # t + d
+        a = w[(slice(None),) * 3 + first].permute(perm).reshape(g, -1, n)
+        b = w[(slice(None),) * 3 + second].permute(perm).reshape(g, -1, n)
+        r = a.transpose(1, 2) @ b
+        out[:, where[d]] = r
+        if neg != d:
+            out[:, where[neg]] = r.transpose(1, 2)
+    return out, torch.tensor(diffs, dtype=torch.float64).reshape(len(diffs), nd)
+
+
+def gram_route_norm(w: torch.Tensor, grid: list[int], chunk_entries: int = 1 << 23) -> tuple[float, bool]:
+    """(value, exact): the largest singular value over the frequency blocks W(f) = sum_t P_t
+    w^(t.f) (w = exp(-2 pi i / N)) of a real stride-1 kernel (g, m, n, *taps) on a periodic
+    ``grid``, through the Gram matrices of the smaller side built from the kernel's
+    autocorrelation, never from the blocks: W(f)^H W(f) = sum_d R_d w^(d.f) with R_d = sum_t
+    P_t^T P_{t+d} (the Gram operator of a convolution is the convolution with the
+    autocorrelation kernel, 2k-1 taps per axis). For the other side, Q_t = P_t^T gives
+    W(f) W(f)^H = conj(sum_d R'_d w^(d.f)), with the same eigenvalues. The largest eigenvalue
+    over the frequencies is proven by _top_eig_certified (chunks of at most ``chunk_entries``).
+
+    Rounding: each computed entry is a sum of m T D-phase-weighted products (T taps, D
+    differences) whose absolute values sum to at most the entries of H = (sum_t |P_t|)^T
+    (sum_t |P_t|), and ||H|| <= (sum_t ||P_t||_F)^2 <= T sum_t ||P_t||_F^2 = T mean_f
+    ||W(f)||_F^2 <= T rank sigma^2 (Parseval on the grid, which holds the taps). So the Gram
+    matrices are formed with an error of norm at most gamma(m T + D + 4) T rank sigma^2 (the
+    +4 covers the rounding of the phases), and sigma^2 <= lam / (1 - gamma T rank); the value
+    is enlarged by 1 + gamma(m T + D + 4) T rank, more than that."""
+    if w.shape[1] < w.shape[2]:  # Gram of the smaller side: the output side, through Q_t = P_t^T
+        w = w.transpose(1, 2)
+    g, m, n = w.shape[:3]
+    taps = math.prod(w.shape[3:])
+    r, diffs = _autocorrelation(w)
+    freqs = _unique_frequencies(grid).to(torch.float64)
+    angle = 2.0 * math.pi * (diffs / torch.tensor(grid, dtype=torch.float64)) @ freqs.T  # (D, F)
+    cos, sin = torch.cos(angle).to(w.device), torch.sin(angle).to(w.device)
+    flat = r.reshape(g, len(diffs), n * n)
+    step = max(1, chunk_entries // (n * n))
+    count = len(freqs)
+    top = 0.0
+    for k in range(g):
+        for start in range(0, count, step):
+            c, s = cos[:, start : start + step], sin[:, start : start + step]
+            gram = torch.complex(c.T @ flat[k], -(s.T @ flat[k])).reshape(-1, n, n)
+            if gram.shape[0] <= EIG_BLOCKS:
+                top = max(top, float(torch.linalg.eigvalsh(gram)[:, -1].max()))
+            else:
+                top = max(top, _top_eig_certified(gram))
+    margin = 1.0 + gamma(m * taps + len(diffs) + 4) * taps * n
+    return math.sqrt(max(top, 0.0)) * margin, True
 
 
 def circular_embedding_bound(conv) -> tuple[float, bool]:

@@ -29,11 +29,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def vjp_linear(fn, in_shape: tuple[int, ...], y: torch.Tensor) -> torch.Tensor:
     """A^T y for the linear map ``fn`` on batches (B, *in_shape), by plain autograd (torch.func
-    would first import functorch, seconds on a cold start)."""
+    would first import functorch, seconds on a cold start): the gradient of the scalar <A x, y>
+    in x. A scalar output, not ``grad_outputs=y``: torch checks a tensor of output gradients
+    with its symbolic-shape module, whose first import (sympy) takes half a second."""
     with torch.enable_grad():
         x0 = torch.zeros((y.shape[0], *in_shape), dtype=y.dtype, device=y.device, requires_grad=True)
         out = fn(x0)
-        (g,) = torch.autograd.grad(out, x0, grad_outputs=y.reshape(out.shape), allow_unused=True)
+        (g,) = torch.autograd.grad((out * y.reshape(out.shape)).sum(), x0, allow_unused=True)
     return torch.zeros_like(x0) if g is None else g.detach()
 
 
@@ -311,6 +313,31 @@ class Conv(LinearOp):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.weight.to(x.device))
 
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self._conv_adjoint(y, self.weight.to(y.device, y.dtype))
+
+    def _conv_adjoint(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A^T y with the transposed convolution (no autograd graph): the adjoint of a plain
+        convolution on the padded input, then the padding cut away; a transposed convolution's
+        adjoint goes through autograd."""
+        if self.transposed:
+            return vjp_linear(lambda t: self._conv(t, weight), self.in_shape, y)
+        lead = y.shape[:2]
+        y = y.reshape(-1, *self.out_shape[1:])
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self.nd - 1]
+        z = fn(y, weight, stride=self.strides, dilation=self.dilations, groups=self.groups)
+        # z covers the padded input up to the last position any output reads; the rest is zero
+        index: list[slice] = [slice(None), slice(None)]
+        pads: list[int] = []
+        for n, b, e, m in zip(reversed(self.in_shape[2:]), reversed(self.begins), reversed(self.ends), reversed(z.shape[2:])):
+            pads += [0, max(0, n + b + e - m)]
+        if any(pads):
+            z = F.pad(z, pads)
+        for n, b in zip(self.in_shape[2:], self.begins):
+            index.append(slice(b, b + n))
+        z = z[tuple(index)]
+        return z.reshape(*lead, *z.shape[1:])
+
     def parameters(self) -> list[torch.Tensor]:
         return [self.weight]
 
@@ -327,7 +354,7 @@ class Conv(LinearOp):
                 cache[p] = float(self._conv(ones_in, absw).max())
             else:
                 ones_out = torch.ones((1, *self.out_shape), dtype=torch.float64)
-                cache[p] = float(vjp_linear(lambda t: self._conv(t, absw), self.in_shape, ones_out).max())
+                cache[p] = float(self._conv_adjoint(ones_out, absw).max())
         return cache[p]
 
     def l2(self) -> tuple[float, bool, str]:
@@ -395,6 +422,12 @@ def as_conv(op: LinearOp) -> Conv | None:
         weight = (weight.reshape(g, -1, weight.shape[1], *weight.shape[2:]) * in_scale.view(g, 1, -1, *[1] * nd)).reshape(weight.shape)
     in_shape = before[0].in_shape if before else conv.in_shape
     return Conv(in_shape, weight.numpy(), conv.strides, (*begins, *ends), conv.dilations, g, conv.transposed, conv.output_padding)
+
+
+def conv_of(op: LinearOp) -> Conv | None:
+    """``as_conv(op)``, the same object on every call for a Composed (its cached ``conv``), so
+    that the norm cached on it is reused."""
+    return op.conv if isinstance(op, Composed) else as_conv(op)
 
 
 def _channel_factor(scale: Scale) -> torch.Tensor | None:
