@@ -114,11 +114,12 @@ def test_lipsdp_stopped_by_a_deadline_still_proves_a_bound(tenclass):
     cut = ESTIMATORS["sdp"].run(graph, settings_with_deadline(Settings(), time.perf_counter()))
     assert cut.certified and full.value <= cut.value <= naive.value * (1 + 1e-9)
     assert cut.details["sections"][0]["solver_status"] == "time_limit"
-    # estimate_all: LipSDP runs last, with what the budget leaves
+    # estimate_all: the methods that stop early (sdp, sdp-wide) run last and share what the
+    # budget leaves: LipSDP, the first, gets half
     budget = Budget(600)
     results, skipped = estimate_all(graph, QUICK, budget=budget)
     assert not skipped and [r.method for r in results] == list(ESTIMATORS) and not budget.cut
-    assert next(r for r in results if r.method == "sdp").settings["budget_s"] > 500
+    assert 250 < next(r for r in results if r.method == "sdp").settings["budget_s"] <= 300
 
 
 def test_a_method_that_cannot_start_within_the_budget_is_skipped(tenclass, monkeypatch):
@@ -241,7 +242,11 @@ def test_worker_processes_do_not_rerun_a_script_without_a_main_guard(tmp_path):
         "graph = lipcert.load(net, (1, 4))\n"
         "out = certified_radius(graph, np.random.default_rng(0).normal(size=(5, 4)), jobs=2)\n"
         "print('RUNS', len(out.radii))\n")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(lipcert.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("RUNS") == 1
 
