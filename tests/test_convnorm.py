@@ -241,3 +241,25 @@ def test_conv_adjoint_by_transposed_convolution(ci, co, n, k, s, d, g, pad):
     conv = Conv((1, ci, n, n), rng.normal(size=(co, ci // g, k, k)), (s, s), (pad, pad, 0, pad + 1), (d, d), g)
     y = torch.from_numpy(rng.normal(size=(3, *conv.out_shape)))
     assert torch.allclose(conv.adjoint(y), vjp_linear(conv.apply, conv.in_shape, y), atol=1e-12)
+
+
+def test_large_real_dense_matrix_through_the_gram_eigenvalue():
+    """A real matrix whose smaller side exceeds REAL_SVD_SIDE: Gram matrix + eigvalsh, proven
+    (>= the SVD's value) and within the rounding allowance of it."""
+    rng = np.random.default_rng(8)
+    mats = torch.from_numpy(rng.normal(size=(1, 700, convnorm.REAL_SVD_SIDE + 40)))
+    value, exact_flag = convnorm.max_singular(mats)
+    ref = float(torch.linalg.svdvals(mats)[:, 0].max())
+    assert exact_flag
+    assert ref <= value * SAFE <= ref * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("ci,co,n,k,s,d,g,pad", ZERO_PADDED)
+def test_dense_matrix_from_the_kernel_equals_the_probed_one(ci, co, n, k, s, d, g, pad):
+    """grouped_dense_norm builds small layers' matrices from the kernel entries: the same norm as
+    the matrix probed through the convolution (LinearOp._dense)."""
+    rng = np.random.default_rng(n * 3 + k)
+    conv = Conv((1, ci, n, n), rng.normal(size=(co, ci // g, k, k)), (s, s), (pad, pad, 0, pad + 1), (d, d), g)
+    value, exact_flag = convnorm.grouped_dense_norm(conv)
+    ref = exact(conv)
+    assert exact_flag and ref <= value * SAFE and value <= ref * (1 + 1e-9)
