@@ -29,7 +29,7 @@ from . import progress
 from .budget import Budget, settings_with_deadline
 from .config import Settings, check_choice, normalize_norm
 from .data import input_batch, load_npz
-from .errors import InputError
+from .errors import InputError, LipcertError
 from .estimators import estimate
 from .estimators.base import SAFETY
 from .estimators.naive import node_lipschitz_bounds
@@ -167,8 +167,8 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
         # to tol 1e-3 where twice the global multipliers (strictly feasible) took 17-58
         solver_opts.setdefault("tol", PAIR_TOL)
     sdp_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra={**s.extra, "solver_opts": solver_opts})
-    if ESTIMATORS["sdp"].accepts(graph, sdp_settings) is not None:
-        return _cheap_constants(graph, norm, known or estimate(graph, "naive", Settings(norm=norm)))
+    if ESTIMATORS["sdp"].accepts(graph, sdp_settings) is not None:  # e.g. residual networks
+        return _cheap_constants(graph, norm, known or _cheap_global(graph))
     try:
         solver: PairSolver | None = PairSolver(graph, sdp_settings)
     except InputError as exc:  # the output is not a LipSDP section or an affine layer
@@ -182,12 +182,12 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
     least = least_solve_seconds(solver.dim) if solver is not None and solver.dim else 0.0
     glob, global_s, global_job = known, 0.0, None
     if glob is None and budget.limited and budget.remaining() < least:
-        glob = estimate(graph, "naive", Settings(norm=norm))
+        glob = _cheap_global(graph)
         budget.note_cut(f"LipSDP skipped: one solve of its {solver.dim}-row matrix inequality takes at least about {least:.0f} s, "
                         f"the budget left {budget.remaining():.0f} s")
         return _cheap_constants(graph, norm, glob)
     if glob is None:
-        glob = estimate(graph, "naive", Settings(norm=norm))
+        glob = _cheap_global(graph)  # compose: far below LipSDP's chains composed like naive on residual networks
         # the global LipSDP bound: the fallback of every pair not tightened. Half the budget when
         # pairs follow (about one pair's time; at least what one solve needs), all of it when they cannot.
         pairs_follow = solver is not None and (solver.dim < sdp.LONG_DIM or budget.limited)
@@ -222,6 +222,19 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
         return consts
     _tighten(consts, solver, sdp_settings, budget, points, k, global_s, jobs, global_job, least)
     return consts
+
+
+def _cheap_global(graph: Graph) -> Result:
+    """The global l2 bound without LipSDP (the fallback when it does not apply or does not fit,
+    and the start it must improve on): the smaller of naive and compose (seconds; compose bounds
+    residual blocks as blocks: on a CIFAR ResNet-18 73x below naive)."""
+    naive = estimate(graph, "naive", Settings(norm="2"))
+    try:
+        comp = estimate(graph, "compose", Settings(norm="2"))
+    except LipcertError as exc:
+        progress.note(f"compose skipped: {exc.message()}")
+        return naive
+    return comp if comp.value is not None and naive.value is not None and comp.value < naive.value else naive
 
 
 GLOBAL = (-1, -1)  # the key of the global LipSDP solve among the pairs in flight

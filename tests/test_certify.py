@@ -225,3 +225,25 @@ def test_public_functions_are_not_shadowed_by_their_submodules():
 
     assert callable(lipcert.certify) and callable(lipcert.attack)
     assert lipcert.certify.__name__ == "certify" and lipcert.attack.__name__ == "attack"
+
+
+def test_residual_networks_get_their_global_bound_from_compose():
+    """LipSDP does not apply to a residual network: certify's global bound is then the smaller of
+    naive and compose (which bounds residual blocks as blocks), so its radii are at least the
+    naive ones, and a certified radius holds at random points of the ball."""
+    from test_convblock import _resnet
+
+    graph = lipcert.load(_resnet(0), (1, 2, 10, 10))
+    x = np.random.default_rng(0).normal(size=(6, 2, 10, 10))
+    naive = certified_radius(graph, x, method="naive")
+    best = certified_radius(graph, x, method="sdp")
+    assert best.constants.global_method == "compose"
+    assert best.constants.global_bound < naive.constants.global_bound
+    assert (best.radii >= naive.radii * (1 - 1e-12)).all() and (best.radii > naive.radii).any()
+    rng = np.random.default_rng(1)
+    for xi, r, y in zip(x, best.radii, best.predicted):
+        d = rng.normal(size=(200, *xi.shape))
+        d *= (0.999 * r / np.linalg.norm(d.reshape(200, -1), axis=1))[:, None, None, None]
+        with torch.no_grad():
+            out = graph.forward(torch.from_numpy(xi[None] + d)[:, None]).reshape(200, -1).numpy()
+        assert (out.argmax(1) == y).all()

@@ -135,7 +135,8 @@ def test_a_method_that_cannot_start_within_the_budget_is_skipped(tenclass, monke
 
 def test_certify_skips_lipsdp_that_cannot_fit_in_the_budget(tenclass, radii, monkeypatch):
     """When one LipSDP solve cannot fit in what is left of the budget (its start and float64
-    verification alone), certify keeps the cheap proven constants and says so, on time."""
+    verification alone), certify keeps the cheap proven constants (naive, compose) and says so,
+    on time."""
     from lipcert.sdp import solve
 
     graph, x = tenclass
@@ -145,8 +146,9 @@ def test_certify_skips_lipsdp_that_cannot_fit_in_the_budget(tenclass, radii, mon
     out = certified_radius(graph, x, budget=budget)
     assert time.perf_counter() - start < 30
     assert any(c.startswith("LipSDP skipped") for c in budget.cut)
-    np.testing.assert_array_equal(out.radii, radii["naive"].radii)
-    assert out.constants.solves == 0
+    # the cheap constants: naive's, or compose's global bound where it is smaller
+    assert (out.radii >= radii["naive"].radii * (1 - 1e-12)).all()
+    assert out.constants.global_method in ("naive", "compose") and out.constants.solves == 0
 
 
 def test_cli_budget_is_reported(tmp_path):
