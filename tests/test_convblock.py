@@ -84,8 +84,9 @@ def test_the_fourier_inequality_holds_for_the_dense_zero_padded_block(case, seed
     assert y is not None and y > 0
     W1, W2 = w1.dense(), w2.dense()
     S = np.eye(W1.shape[1]) if s is None else s.dense()
-    lam, n, h = info["lam"], W1.shape[1], W1.shape[0]
-    N = np.block([[np.eye(n), -0.5 * lam * W1.T], [-0.5 * lam * W1, lam * np.eye(h)]])
+    n, h = W1.shape[1], W1.shape[0]
+    t = np.repeat(info["t"], h // len(info["t"]))  # one multiplier per hidden channel, at every position
+    N = np.block([[np.eye(n), -0.5 * W1.T * t[None, :]], [-0.5 * t[:, None] * W1, np.diag(t)]])
     B = np.hstack([S, W2])
     M = N - y * B.T @ B
     assert np.linalg.eigvalsh(M).min() >= -1e-9 * np.abs(M).max()
@@ -99,7 +100,8 @@ def test_the_fourier_inequality_holds_for_the_dense_zero_padded_block(case, seed
     # the frequency blocks are exactly the circular block's: the same y as its dense matrices give
     Wc1, Wc2 = _circular_dense(w1, info["grid"]), _circular_dense(w2, [g // st for g, st in zip(info["grid"], w1.strides)])
     Sc = np.eye(Wc1.shape[1]) if s is None else _circular_dense(s, info["grid"])
-    Nc = np.block([[np.eye(Wc1.shape[1]), -0.5 * lam * Wc1.T], [-0.5 * lam * Wc1, lam * np.eye(Wc1.shape[0])]])
+    tc = np.repeat(info["t"], Wc1.shape[0] // len(info["t"]))
+    Nc = np.block([[np.eye(Wc1.shape[1]), -0.5 * Wc1.T * tc[None, :]], [-0.5 * tc[:, None] * Wc1, np.diag(tc)]])
     Bc = np.hstack([Sc, Wc2])
     circular = 1.0 / np.linalg.eigvalsh(Bc @ np.linalg.solve(Nc, Bc.T)).max()
     assert abs(y / circular - 1.0) < 1e-5
