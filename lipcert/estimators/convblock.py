@@ -41,6 +41,7 @@ import torch
 
 from ..config import EPS, gamma
 from ..graph import Conv
+from ..graph.convnorm import _unique_frequencies as unique_frequencies
 
 # Fractions of the largest multiplier that keeps N positive definite (measured on the blocks of a
 # random CIFAR ResNet-18: the best fraction was 0.7-0.8 in every block)
@@ -69,15 +70,6 @@ def block_grid(w1: Conv, w2: Conv, s: Conv | None) -> list[int] | None:
             need = max(need, s.in_shape[2 + i] + s.begins[i] + s.ends[i])
         grid.append(-(-need // st) * st)
     return grid
-
-
-def _frequencies(small: list[int]) -> torch.Tensor:
-    """One frequency of each pair f, -f on the grid ``small`` (the inequality at -f is the complex
-    conjugate of the one at f): (count, d) integers."""
-    freqs = torch.cartesian_prod(*[torch.arange(n) for n in small]).reshape(-1, len(small))
-    neg = (-freqs) % torch.tensor(small)
-    index = lambda f: sum(f[:, i] * math.prod(small[i + 1 :]) for i in range(len(small)))  # noqa: E731
-    return freqs[index(freqs) <= index(neg)]
 
 
 def spectrum(conv: Conv, strides: tuple[int, ...], small: list[int], freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +137,8 @@ def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float
         return None
     strides = tuple(w1.strides)
     small = [g // s for g, s in zip(grid, strides)]
-    freqs = _frequencies(small)
+    # one frequency of each pair f, -f: the inequality at -f is the complex conjugate of the one at f
+    freqs = unique_frequencies(small)
     ci = w1.weight.shape[1] * math.prod(strides)
     cm, co = w1.weight.shape[0], w2.weight.shape[0]
     if shortcut is None and (co != w1.weight.shape[1] or math.prod(strides) != 1):
