@@ -702,7 +702,11 @@ def compose_bound(graph: Graph, wide_sdp_time: float | None = None, info: list |
     """(the compositional proven l2 bound, the naive bound with the same layer norms, the rule
     used at every node). ``wide_sdp_time``: also try the LipSDP-Neuron step of widesdp on wide
     layers, with that many seconds for each multiplier search; its logs are appended to ``info``."""
+    from ..graph.convnorm import prefetch_l2_norms
+
     merged = graph.merge_linear()
+    # every layer's proven norm is read (scalar steps, the naive value): computed ahead on 2 threads
+    prefetch_l2_norms([n.lin for n in merged.nodes if isinstance(n, Affine)])
     walker = _Walker(merged, wide_sdp_time)
     # one BLAS thread: on a shared machine spin-waiting threads cost 10-100x (see lipcert/sdp/fast.py)
     before = torch.get_num_threads()
