@@ -157,3 +157,17 @@ def test_a_leaky_activation_does_not_take_the_fourier_step(monkeypatch):
     r = C.Compose().run(graph, lipcert.config.Settings())
     assert "residual block inequality (Fourier domain)" not in r.details["rules"]
     assert r.value >= jacobian_lower(graph, 30)
+
+
+def test_a_block_is_solved_once_per_network(monkeypatch):
+    """sdp-wide walks the network as compose does: the second walk reuses the proven value."""
+    from lipcert.estimators import convblock
+
+    graph = lipcert.load(Block(2, 3, 2, 3, 1, 1, None, 0).double(), (1, 2, 6, 6))
+    w1, w2, s = _parts(graph)
+    calls = []
+    real = convblock._block_factor
+    monkeypatch.setattr(convblock, "_block_factor", lambda *a: calls.append(a) or real(*a))
+    first, info = block_factor(w1, w2, s, 0.5, 1.0, 1.0), {}
+    assert block_factor(w1, w2, s, 0.5, 1.0, 1.0, info) == first and len(calls) == 1 and "t" in info
+    assert block_factor(w1, w2, s, 0.5, 1.0, -1.0) is not None and len(calls) == 2  # another block

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 
 import torch
 
@@ -132,9 +133,25 @@ def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float
     and the periodic grid."""
     if not (_usable(w1) and _usable(w2) and (shortcut is None or _usable(shortcut))) or not m > 0:
         return None
+    # the same block again (sdp-wide walks the network as compose does): the proven value computed before
+    key = (w2, shortcut, m, c_s, c_b)
+    known = _DONE.setdefault(w1, {}).get(key)
+    if known is None:
+        known = _DONE[w1][key] = _block_factor(w1, w2, shortcut, m, c_s, c_b)
+    if info is not None and known[1]:
+        info.update(known[1])
+    return known[0]
+
+
+_DONE: "weakref.WeakKeyDictionary[Conv, dict]" = weakref.WeakKeyDictionary()
+
+
+def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float, c_b: float) -> tuple[float | None, dict]:
+    """block_factor's work: (y or None, the multipliers and the grid)."""
+    info: dict = {}
     grid = block_grid(w1, w2, shortcut)
     if grid is None:
-        return None
+        return None, {}
     strides = tuple(w1.strides)
     small = [g // s for g, s in zip(grid, strides)]
     # one frequency of each pair f, -f: the inequality at -f is the complex conjugate of the one at f
@@ -142,9 +159,9 @@ def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float
     ci = w1.weight.shape[1] * math.prod(strides)
     cm, co = w1.weight.shape[0], w2.weight.shape[0]
     if shortcut is None and (co != w1.weight.shape[1] or math.prod(strides) != 1):
-        return None
+        return None, {}
     if len(freqs) * ((ci + cm) ** 3 + len(LAMBDA_FRACTIONS) * (cm**3 + co**3 + co * cm * (co + cm))) > MAX_WORK:
-        return None
+        return None, {}
     A1, e1 = spectrum(w1, strides, small, freqs)
     A2, e2 = spectrum(w2, (1,) * len(strides), small, freqs)
     if shortcut is None:
@@ -157,7 +174,7 @@ def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float
     root_w = w.sqrt().to(torch.complex128)
     top = _top_estimate(root_w[:, None] * G1 * root_w[None, :])  # only to place lambda: all below is proven
     if not top > 0:
-        return None
+        return None, {}
     lam_top = 1.0 / (m * m * top)
     BsBs = Bs @ Bs.mH
     BsA1 = Bs @ A1.mH  # (F, co, cm)
@@ -174,7 +191,7 @@ def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float
         if p_top > 0 and 1.0 / p_top > best_y:
             best_y, best_t = 1.0 / p_top, t
     if best_t is None:
-        return None
+        return None, {}
     # the proof (see _proof_chunk), with bounds on the Frobenius errors of the products it uses
     a1_fro, bs_fro = torch.linalg.norm(A1, dim=(1, 2)), torch.linalg.norm(Bs, dim=(1, 2))
     es, e2 = abs(c_s) * es, abs(c_b) * e2
@@ -185,13 +202,12 @@ def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float
     step = max(1, CHUNK_ENTRIES // ((cm + co) ** 2))
     for rel in MARGINS:
         y = best_y * (1.0 - rel)
-        if info is not None:
-            info.update(t=best_t.numpy(), grid=grid)
+        info.update(t=best_t.numpy(), grid=grid)
         if all(_proof_chunk(G1[k : k + step], BsA1[k : k + step], B2[k : k + step], BsBs[k : k + step],
                             g1_err[k : k + step], bsa1_err[k : k + step], e2[k : k + step], bsbs_err[k : k + step], m, best_t, y)
                for k in range(0, len(freqs), step)):
-            return y
-    return None
+            return y, info
+    return None, {}
 
 
 def channel_weights(w1: Conv, w2: Conv) -> torch.Tensor:
