@@ -168,7 +168,7 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
         solver_opts.setdefault("tol", PAIR_TOL)
     sdp_settings = Settings(norm="2", solver=s.solver, sdp_variant=s.sdp_variant, extra={**s.extra, "solver_opts": solver_opts})
     if ESTIMATORS["sdp"].accepts(graph, sdp_settings) is not None:  # e.g. residual networks
-        return _cheap_constants(graph, norm, known or _cheap_global(graph))
+        return _cheap_constants(graph, norm, known or _cheap_global(graph, budget))
     try:
         solver: PairSolver | None = PairSolver(graph, sdp_settings)
     except InputError as exc:  # the output is not a LipSDP section or an affine layer
@@ -182,12 +182,12 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
     least = least_solve_seconds(solver.dim) if solver is not None and solver.dim else 0.0
     glob, global_s, global_job = known, 0.0, None
     if glob is None and budget.limited and budget.remaining() < least:
-        glob = _cheap_global(graph)
+        glob = _cheap_global(graph, budget)
         budget.note_cut(f"LipSDP skipped: one solve of its {solver.dim}-row matrix inequality takes at least about {least:.0f} s, "
                         f"the budget left {budget.remaining():.0f} s")
         return _cheap_constants(graph, norm, glob)
     if glob is None:
-        glob = _cheap_global(graph)  # compose: far below LipSDP's chains composed like naive on residual networks
+        glob = _cheap_global(graph, budget)  # compose: far below LipSDP's chains composed like naive on residual networks
         # the global LipSDP bound: the fallback of every pair not tightened. Half the budget when
         # pairs follow (about one pair's time; at least what one solve needs), all of it when they cannot.
         pairs_follow = solver is not None and (solver.dim < sdp.LONG_DIM or budget.limited)
@@ -224,13 +224,17 @@ def pairwise_constants(graph: Graph, norm: str = "2", method: str = "sdp", setti
     return consts
 
 
-def _cheap_global(graph: Graph) -> Result:
+def _cheap_global(graph: Graph, budget: Budget | None = None) -> Result:
     """The global l2 bound without LipSDP (the fallback when it does not apply or does not fit,
     and the start it must improve on): the smaller of naive and compose (seconds; compose bounds
-    residual blocks as blocks: on a CIFAR ResNet-18 126x below naive)."""
+    residual blocks as blocks: on a CIFAR ResNet-18 126x below naive). Under a budget, compose
+    starts no block step after half of what is left."""
     naive = estimate(graph, "naive", Settings(norm="2"))
+    settings = Settings(norm="2")
+    if budget is not None and budget.limited:
+        settings = settings_with_deadline(settings, budget.deadline(0.5))
     try:
-        comp = estimate(graph, "compose", Settings(norm="2"))
+        comp = estimate(graph, "compose", settings)
     except LipcertError as exc:
         progress.note(f"compose skipped: {exc.message()}")
         return naive

@@ -171,3 +171,17 @@ def test_a_block_is_solved_once_per_network(monkeypatch):
     first, info = block_factor(w1, w2, s, 0.5, 1.0, 1.0), {}
     assert block_factor(w1, w2, s, 0.5, 1.0, 1.0, info) == first and len(calls) == 1 and "t" in info
     assert block_factor(w1, w2, s, 0.5, 1.0, -1.0) is not None and len(calls) == 2  # another block
+
+
+def test_no_fourier_step_starts_after_the_deadline(monkeypatch):
+    """certify gives compose a deadline (half of the budget left): past it, blocks keep the naive
+    rule, still proven."""
+    import time
+
+    from lipcert.budget import settings_with_deadline
+
+    monkeypatch.setattr(C, "DENSE_STATE", 40)
+    graph = lipcert.load(_resnet(1), (1, 2, 10, 10))
+    late = C.Compose().run(graph, settings_with_deadline(lipcert.config.Settings(), time.perf_counter()))
+    assert "residual block inequality (Fourier domain)" not in late.details["rules"]
+    assert jacobian_lower(graph, 30) <= late.value <= late.details["naive_value"]

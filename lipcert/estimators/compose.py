@@ -470,8 +470,11 @@ def _densify(state: State, n: int) -> np.ndarray | None:
 
 
 class _Walker:
-    def __init__(self, graph: Graph, wide_sdp_time: float | None = None) -> None:
+    def __init__(self, graph: Graph, wide_sdp_time: float | None = None, deadline: float | None = None) -> None:
         self.g = graph
+        # a time.perf_counter() value after which no Fourier-domain block is started (each takes
+        # seconds on a large network; the naive rule, proven too, takes over)
+        self.deadline = deadline
         self.consumers = graph.consumers()
         self.states: dict[str, State] = {Graph.INPUT: 1.0}
         self.steps: list[Step] = []
@@ -617,7 +620,7 @@ class _Walker:
         domain (convblock.py), from the scalar state of its input."""
         from .convblock import block_factor
 
-        if a != 0.0 or not b > 0:
+        if a != 0.0 or not b > 0 or (self.deadline is not None and time.perf_counter() > self.deadline):
             return None
         before = torch.get_num_threads()
         torch.set_num_threads(min(2, os.cpu_count() or 1))  # large batched factorisations: 1.6x on 2 cores
@@ -698,16 +701,18 @@ def _naive_norm(node: Node, p: str) -> tuple[float, bool, str]:
     return node.lipschitz(p)
 
 
-def compose_bound(graph: Graph, wide_sdp_time: float | None = None, info: list | None = None) -> tuple[float, float, list[Step]]:
+def compose_bound(graph: Graph, wide_sdp_time: float | None = None, info: list | None = None,
+                  deadline: float | None = None) -> tuple[float, float, list[Step]]:
     """(the compositional proven l2 bound, the naive bound with the same layer norms, the rule
     used at every node). ``wide_sdp_time``: also try the LipSDP-Neuron step of widesdp on wide
-    layers, with that many seconds for each multiplier search; its logs are appended to ``info``."""
+    layers, with that many seconds for each multiplier search; its logs are appended to ``info``.
+    ``deadline`` (a time.perf_counter() value): no Fourier-domain block step starts after it."""
     from ..graph.convnorm import prefetch_l2_norms
 
     merged = graph.merge_linear()
     # every layer's proven norm is read (scalar steps, the naive value): computed ahead on 2 threads
     prefetch_l2_norms([n.lin for n in merged.nodes if isinstance(n, Affine)])
-    walker = _Walker(merged, wide_sdp_time)
+    walker = _Walker(merged, wide_sdp_time, deadline)
     # one BLAS thread: on a shared machine spin-waiting threads cost 10-100x (see lipcert/sdp/fast.py)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -733,7 +738,7 @@ class Compose:
 
     def run(self, graph: Graph, settings: Settings) -> Result:
         start = time.perf_counter()
-        value, naive, steps = compose_bound(graph)
+        value, naive, steps = compose_bound(graph, deadline=settings.extra.get("deadline"))
         return compose_result(self.name, graph, value, naive, steps, start)
 
 
