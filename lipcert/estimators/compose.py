@@ -618,16 +618,13 @@ class _Walker:
                    c_s: float, c_b: float) -> tuple[State, str] | None:
         """A block of convolutions too large for a dense form: its inequality in the Fourier
         domain (convblock.py), from the scalar state of its input."""
+        from ..graph.convnorm import torch_threads
         from .convblock import block_factor
 
         if a != 0.0 or not b > 0 or (self.deadline is not None and time.perf_counter() > self.deadline):
             return None
-        before = torch.get_num_threads()
-        torch.set_num_threads(min(2, os.cpu_count() or 1))  # large batched factorisations: 1.6x on 2 cores
-        try:
+        with torch_threads(min(2, os.cpu_count() or 1)):  # large batched factorisations: 1.6x on 2 cores
             y = block_factor(n1.lin, n2.lin, None if shortcut is None else shortcut.lin, b / 2.0, c_s, c_b)
-        finally:
-            torch.set_num_threads(before)
         if y is None:
             return None
         return scalar_of(self.states[p]) * y * (1.0 - 4 * EPS), "residual block inequality (Fourier domain)"
@@ -707,23 +704,19 @@ def compose_bound(graph: Graph, wide_sdp_time: float | None = None, info: list |
     used at every node). ``wide_sdp_time``: also try the LipSDP-Neuron step of widesdp on wide
     layers, with that many seconds for each multiplier search; its logs are appended to ``info``.
     ``deadline`` (a time.perf_counter() value): no Fourier-domain block step starts after it."""
-    from ..graph.convnorm import prefetch_l2_norms
+    from ..graph.convnorm import prefetch_l2_norms, single_threaded
 
     merged = graph.merge_linear()
     # every layer's proven norm is read (scalar steps, the naive value): computed ahead on 2 threads
     prefetch_l2_norms([n.lin for n in merged.nodes if isinstance(n, Affine)])
     walker = _Walker(merged, wide_sdp_time, deadline)
     # one BLAS thread: on a shared machine spin-waiting threads cost 10-100x (see lipcert/sdp/fast.py)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded():
         value = walker.run()
         if info is not None:
             info.extend(walker.wide_sdp_info)
         naive = node_lipschitz_bounds(merged, "2", _naive_norm)[0][merged.output]
         return value, naive, walker.steps
-    finally:
-        torch.set_num_threads(before)
 
 
 @register

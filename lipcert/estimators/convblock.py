@@ -148,7 +148,6 @@ _DONE: "weakref.WeakKeyDictionary[Conv, dict]" = weakref.WeakKeyDictionary()
 
 def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float, c_b: float) -> tuple[float | None, dict]:
     """block_factor's work: (y or None, the multipliers and the grid)."""
-    info: dict = {}
     grid = block_grid(w1, w2, shortcut)
     if grid is None:
         return None, {}
@@ -202,11 +201,10 @@ def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: floa
     step = max(1, CHUNK_ENTRIES // ((cm + co) ** 2))
     for rel in MARGINS:
         y = best_y * (1.0 - rel)
-        info.update(t=best_t.numpy(), grid=grid)
         if all(_proof_chunk(G1[k : k + step], BsA1[k : k + step], B2[k : k + step], BsBs[k : k + step],
                             g1_err[k : k + step], bsa1_err[k : k + step], e2[k : k + step], bsbs_err[k : k + step], m, best_t, y)
                for k in range(0, len(freqs), step)):
-            return y, info
+            return y, {"t": best_t.numpy(), "grid": grid}
     return None, {}
 
 

@@ -77,17 +77,22 @@ def current_device() -> torch.device:
 
 
 @contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """torch (and its BLAS) on one thread inside the block, the previous count restored after.
-    The layer norms run side by side on a few Python threads instead (torch releases the GIL):
-    on a small shared machine, many BLAS threads per product spin-wait for each other and
-    for other jobs (a ResNet-18 naive took 5.8 s alone, 101 s beside two busy processes)."""
+def torch_threads(n: int) -> Iterator[None]:
+    """torch (and its BLAS) on ``n`` threads inside the block, the previous count restored after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, n))
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def single_threaded() -> contextlib.AbstractContextManager[None]:
+    """torch (and its BLAS) on one thread inside the block, the previous count restored after.
+    The layer norms run side by side on a few Python threads instead (torch releases the GIL):
+    on a small shared machine, many BLAS threads per product spin-wait for each other and
+    for other jobs (a ResNet-18 naive took 5.8 s alone, 101 s beside two busy processes)."""
+    return torch_threads(1)
 
 
 def _l2_cost(op) -> float:
