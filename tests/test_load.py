@@ -106,6 +106,29 @@ def test_torch_module_with_residual_and_pooling_matches_module():
     assert lipcert.bound(graph).value > 0
 
 
+@pytest.mark.parametrize("alpha", [0.1, 1 / 3])
+def test_float64_module_keeps_its_float64_activation_parameters(alpha):
+    # ONNX stores LeakyRelu's and Elu's alpha in float32; a float64 module's value must come back
+    # (1/3 differs from its float32 rounding by 1e-8: the graph was refused, or bounded with a
+    # slope interval that missed the module's slope)
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.leaky_relu(self.a(x), 0.2))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LeakyReLU(alpha), torch.nn.Linear(8, 8), torch.nn.ELU(alpha),
+                              torch.nn.Linear(8, 2)).double()
+    graph = lipcert.load(net, (1, 4))
+    assert [n.slope_interval for n in graph.nodes if isinstance(n, lipcert.graph.Activation)] == [(alpha, 1.0), (0.0, 1.0)]
+    assert [n.params["alpha"] for n in graph.nodes if isinstance(n, lipcert.graph.Activation)] == [alpha, alpha]
+    functional = lipcert.load(Functional().double(), (1, 4))
+    assert [n.params["alpha"] for n in functional.nodes if isinstance(n, lipcert.graph.Activation)] == [0.2]
+
+
 def test_torch_module_needs_input_shape():
     with pytest.raises(InputError, match="input_shape"):
         lipcert.load(torch.nn.Linear(2, 2))

@@ -94,8 +94,34 @@ def torch_to_graph(module: torch.nn.Module, input_shape: tuple[int, ...] | None)
     shape = tuple(int(n) for n in input_shape)
     model = module_to_onnx(module, shape)
     graph = onnx_to_graph(model, shape, source=f"torch module {type(module).__name__}")
+    if _dtype(module) == torch.float64:
+        restore_float64_attributes(graph, module)
     crosscheck_module(graph, frozen_copy(module))
     return graph
+
+
+_FLOAT_ATTRIBUTE = {"leaky_relu": (torch.nn.LeakyReLU, "negative_slope"), "elu": (torch.nn.ELU, "alpha")}
+
+
+def restore_float64_attributes(graph: Graph, module: torch.nn.Module) -> None:
+    """Give the activations of a float64 module their float64 parameters back.
+
+    ONNX stores a float attribute (LeakyRelu's and Elu's alpha) in float32, so a float64 module's
+    LeakyReLU(1/3) arrives as 0.3333333432674408: a different function, by 3e-8 of x, than the one
+    the module computes (and bounded with a slope interval that misses the module's slope). Each such
+    value is replaced by the module's own value of the layer type whose float32 rounding it is; where
+    none is (the functional form, F.leaky_relu(x, 0.1)), by the shortest decimal with that float32
+    rounding, which is what a literal in the source was. The cross-check at float64 precision that
+    follows confirms the choice or refuses the module.
+    """
+    for node in graph.nodes:
+        if getattr(node, "kind", None) not in _FLOAT_ATTRIBUTE or "alpha" not in node.params:
+            continue
+        layer, attribute = _FLOAT_ATTRIBUTE[node.kind]
+        stored = np.float32(node.params["alpha"])
+        exact = {float(getattr(m, attribute)) for m in module.modules() if isinstance(m, layer)}
+        exact = {v for v in exact if np.float32(v) == stored}
+        node.params["alpha"] = exact.pop() if len(exact) == 1 else float(str(stored))
 
 
 def crosscheck_module(graph: Graph, module: torch.nn.Module, samples: int = 4, seed: int = 0) -> None:
