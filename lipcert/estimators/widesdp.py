@@ -342,22 +342,25 @@ def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch
     for u in range(n):
         prev = np.flatnonzero(Qp[u] != 0)
         depth[u] = 1 + depth[prev].max() if len(prev) else 0
-    best = (math.inf, None)
     pad = torch.full((G, len(tl.theta) if tl.l2_unit >= 0 else 0), -60.0, dtype=torch.float64)  # a_i = e^-60 meanwhile
     # groups whose outputs weigh more get larger multipliers: t ~ ||V_g||^power
     vlog = torch.log(torch.linalg.matrix_norm(tl.V).clamp_min(1e-300))[:, None]
-    for ratio, power in [(ratio, power) for ratio in ((1.0,) if n == 1 else (1.0, 0.5, 0.25, 0.1)) for power in (0.0, 0.5, 1.0)]:
-        base = torch.cat([torch.from_numpy(np.log(ratio) * depth).expand(G, n) + power * vlog, pad], 1)
-        for tau in np.geomspace(1e-8, 1e8, 17):
-            rho = best_rho(tl, torch.exp(base + math.log(tau)), Xi)
-            if rho < best[0]:
-                best = (rho, base + math.log(tau))
-        if best[1] is not None:  # refine tau around the best
-            b0 = best[1]
-            for f in np.geomspace(0.25, 4.0, 17):
-                rho = best_rho(tl, torch.exp(b0 + math.log(f)), Xi)
+
+    def scan(bases: list[torch.Tensor], factors: np.ndarray, best: tuple) -> tuple:
+        for base in bases:
+            for f in factors:
+                rho = best_rho(tl, torch.exp(base + math.log(f)), Xi)
                 if rho < best[0]:
-                    best = (rho, b0 + math.log(f))
+                    best = (rho, base + math.log(f))
+        return best
+
+    # every family on a grid of tau (a factor 10 apart), then only the best one refined: half
+    # the evaluations of refining each family (Convnet_maxpool: 9 s, not 17 s), a finer refinement
+    families = [torch.cat([torch.from_numpy(np.log(ratio) * depth).expand(G, n) + power * vlog, pad], 1)
+                for ratio in ((1.0,) if n == 1 else (1.0, 0.5, 0.25, 0.1)) for power in (0.0, 0.5, 1.0)]
+    best = scan(families, np.geomspace(1e-8, 1e8, 17), (math.inf, None))
+    if best[1] is not None:
+        best = scan([best[1]], np.geomspace(0.1, 10.0, 33), best)
     if best[1] is None:
         raise ValueError("no multipliers of the one-parameter family are feasible")
     return best[1][:, :n].clone()
@@ -559,7 +562,7 @@ def wide_bound(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float
         rho0 = best_rho(tl, torch.from_numpy(t), Xi)
         if not math.isfinite(rho0):
             return None
-        for rel in MARGINS:
+        for rel in MARGINS + (3e-3, 1e-2):  # a search stopped early can need more (Convnet_maxpool, 20 s: 3e-3)
             rho = rho0 * (1 + rel)
             if prove(layer, t, rho, X):
                 info.update({"rho_float": rho0, "margin": rel, "groups": layer.groups, "units_per_group": int(layer.Qz.shape[0])})
