@@ -301,7 +301,44 @@ def best_rho(tl: _Torch, t: torch.Tensor, Xi: torch.Tensor | None) -> float:
         M = _target(tl, t, Xi)
         if M is None or not bool(torch.isfinite(M).all()):
             return math.inf
-        return float(torch.linalg.eigvalsh(M)[-1])
+        return float(_top_eigenpairs(M.numpy(), 1)[0][-1])
+
+
+def _top_eigenpairs(a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenvalues (ascending) and their eigenvectors of the symmetric a: LAPACK's
+    MRRR on a subset costs about a third of a full eigh (784 rows: 36 ms against 114 ms)."""
+    import scipy.linalg
+
+    d = a.shape[0]
+    try:
+        return scipy.linalg.eigh(a, subset_by_index=[d - min(k, d), d - 1], driver="evr", check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        e, v = (x.numpy() for x in torch.linalg.eigh(torch.from_numpy(a)))
+        return e[d - min(k, d):], v[:, d - min(k, d):]
+
+
+class _SmoothTop(torch.autograd.Function):
+    """top + mu log sum_i exp((e_i - top) / mu) over the eigenvalues e of a symmetric M, with its
+    gradient V diag(softmax) V^T. With light smoothing only the top 32 eigenpairs are computed, when
+    the others weigh less than e^-40 each (Convnet_maxpool at mu = 1e-3 rho: 72 ms, not 158 ms)."""
+
+    @staticmethod
+    def forward(ctx, M: torch.Tensor, mu: float, hint: dict) -> torch.Tensor:
+        # hint: {"full": True} once a call with this mu needed them all (a stage of the search)
+        e = None
+        if not hint.get("full"):
+            e, V = _top_eigenpairs(M.detach().numpy(), 32)
+        if e is None or (e[0] - e[-1]) / mu > -40.0:  # heavy smoothing: all of them (a full eigh is faster then)
+            e, V = (x.numpy() for x in torch.linalg.eigh(M.detach()))
+            hint["full"] = True
+        w = np.exp((e - e[-1]) / mu)
+        ctx.save_for_backward(torch.from_numpy(V * (w / w.sum())), torch.from_numpy(V))
+        return torch.tensor(e[-1] + mu * math.log(w.sum()), dtype=M.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        VW, V = ctx.saved_tensors
+        return grad * (VW @ V.T), None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,13 +346,11 @@ def best_rho(tl: _Torch, t: torch.Tensor, Xi: torch.Tensor | None) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float) -> torch.Tensor | None:
+def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float, hint: dict) -> torch.Tensor | None:
     M = _target(tl, torch.exp(s), Xi)
     if M is None or not bool(torch.isfinite(M).all()):
         return None
-    e = torch.linalg.eigvalsh(M)
-    top = e[-1].detach()
-    return top + mu * torch.log(torch.exp((e - top) / mu).sum())
+    return _SmoothTop.apply(M, mu, hint)
 
 
 def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tensor:
@@ -388,7 +423,8 @@ def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float =
     evals = 0
     for mu_rel in smoothing:
         mu = mu_rel * best_rho(tl, torch.exp(s), Xi)
-        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu), s, start, time_limit, iters, memory)
+        hint: dict = {}
+        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu, hint), s, start, time_limit, iters, memory)
         evals += used
         history.append((evals, time.perf_counter() - start, best_rho(tl, torch.exp(s), Xi)))
         if time.perf_counter() - start > time_limit:
