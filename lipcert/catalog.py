@@ -22,7 +22,7 @@ OPS: tuple[str, ...] = (
 # Methods in order of preference with their kind and description (lipcert.api.methods())
 METHODS: dict[str, str] = {
     'naive': '[upper] product of exact per-layer operator norms (sum over residual branches); proven',
-    'compose': '[upper] compositional layer-by-layer matrix inequalities (ECLipsE-Fast style, residual blocks as blocks, convolution blocks in the Fourier domain, a short multiplier search after max-pooling); proven l2 bound, seconds (under a minute)',
+    'compose': '[upper] compositional layer-by-layer matrix inequalities (ECLipsE-Fast style, residual blocks as blocks, convolution blocks and conv-relu-conv pairs in the Fourier domain, a short multiplier search after max-pooling); proven l2 bound, seconds to a few minutes',
     'sdp': '[upper] LipSDP (neuron or layer multipliers), solver multipliers re-verified in float64; proven l2 bound',
     'sdp-wide': '[upper] the compositional walk, with LipSDP-Neuron over each wide layer (activations, max-pooling) before a narrow linear map, posed in the small dimension; proven l2 bound, minutes',
     'gram': '[upper] per-layer Gram-iteration bounds (l2; convolutions through their spectrum), composed like naive; proven',

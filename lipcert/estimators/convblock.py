@@ -157,13 +157,15 @@ def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: floa
     freqs = unique_frequencies(small)
     ci = w1.weight.shape[1] * math.prod(strides)
     cm, co = w1.weight.shape[0], w2.weight.shape[0]
-    if shortcut is None and (co != w1.weight.shape[1] or math.prod(strides) != 1):
+    if shortcut is None and c_s != 0.0 and (co != w1.weight.shape[1] or math.prod(strides) != 1):
         return None, {}
     if len(freqs) * ((ci + cm) ** 3 + len(LAMBDA_FRACTIONS) * (cm**3 + co**3 + co * cm * (co + cm))) > MAX_WORK:
         return None, {}
     A1, e1 = spectrum(w1, strides, small, freqs)
     A2, e2 = spectrum(w2, (1,) * len(strides), small, freqs)
-    if shortcut is None:
+    if c_s == 0.0:  # a plain pair W2 phi(W1 u), no shortcut
+        As, es = torch.zeros((len(freqs), co, ci), dtype=torch.complex128), torch.zeros(len(freqs), dtype=torch.float64)
+    elif shortcut is None:
         As, es = torch.eye(ci, dtype=torch.complex128).expand(len(freqs), ci, ci), torch.zeros(len(freqs), dtype=torch.float64)
     else:
         As, es = spectrum(shortcut, strides, small, freqs)

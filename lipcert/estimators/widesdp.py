@@ -66,6 +66,10 @@ log = logging.getLogger(__name__)
 
 # Time the multiplier search may take by default (the proof comes after it, in seconds).
 TIME_LIMIT = 420.0
+# The most entries of the groups' c x c pieces of P (float64, and as many int64 indices): a layer
+# whose groups each read much of the input (VGG: max-pooling after 512 channels of 3x3
+# convolutions on a 2x2 grid, 512 groups x 2048^2) is not local and is left to the naive rule.
+MAX_PIECES = 30_000_000
 
 
 @dataclass
@@ -642,6 +646,8 @@ def wide_step(walker, node: Affine, time_limit: float) -> float | None:
         if windows is None:
             return None
         layer = maxpool_layer(W, windows, Wl, b)
+    if layer.groups * layer.cols.shape[1] ** 2 > MAX_PIECES:
+        return None
     state = walker.states[src.inputs[0]]
     X = state if _is_dense(state) else None
     if X is None and not float(state) > 0:
