@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from ..config import EPS, Settings, gamma
 from ..graph import Activation, Affine, Graph, MaxPool
+from ..graph.convnorm import single_threaded
 from ..result import Result
 from .base import register
 from .compose import DENSE_STATE, MARGINS, _dense_of, _is_dense, compose_bound, compose_result, proven_psd
@@ -586,9 +587,7 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
 def wide_bound(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT) -> tuple[float, dict] | None:
     """(rho, info) with ||dy||^2 <= rho du^T X du proven, or None when no multipliers are found or
     the proof fails at every margin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded():
         try:
             t, info = optimise(layer, X, time_limit)
         except ValueError as exc:
@@ -608,8 +607,6 @@ def wide_bound(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float
                 info.update({"rho_float": rho0, "margin": rel, "groups": layer.groups, "units_per_group": int(layer.Qz.shape[0])})
                 return rho, info
         return None
-    finally:
-        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------

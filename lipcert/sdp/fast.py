@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..graph.convnorm import torch_threads
 from .problem import LipSDPProblem, expand_multipliers
 
 log = logging.getLogger(__name__)
@@ -936,9 +937,7 @@ def solve(problem: LipSDPProblem, variant: str = "neuron", **opts) -> tuple[list
     # one BLAS thread by default: on a shared machine, spin-waiting threads cost 10-100x (measured
     # here: a 256 x 256 eigvalsh took 7 s with 2 threads under load, 5 ms with 1)
     threads = opts.pop("threads", 1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
+    with torch_threads(int(threads)):
         keep = _read_neurons(problem) if variant == "neuron" else None
         if keep is None:
             return _solve(problem, variant, opts)
@@ -949,8 +948,6 @@ def solve(problem: LipSDPProblem, variant: str = "neuron", **opts) -> tuple[list
         if info.get("interior") is not None:
             info["interior"] = _expand(info["interior"], keep)
         return (None if lams is None else _expand(lams, keep)), info
-    finally:
-        torch.set_num_threads(before)
 
 
 # Presolve: neurons that no later layer reads (all outgoing weights zero; e.g. the border of a
