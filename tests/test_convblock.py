@@ -12,7 +12,7 @@ import torch
 
 import lipcert
 from lipcert.estimators import compose as C
-from lipcert.estimators.convblock import block_factor
+from lipcert.estimators.convblock import block_factor, full_weight
 from lipcert.graph import Activation, Affine, Sum
 from zoo import jacobian_lower
 
@@ -49,7 +49,7 @@ def _parts(graph):
 def _circular_dense(conv, grid: list[int]) -> np.ndarray:
     """The dense matrix of the circular convolution on ``grid`` that the Fourier step models:
     output j reads the input at (j s + t - begin) mod grid (channel-major layout, as lipcert's)."""
-    K = conv.weight.numpy()
+    K = full_weight(conv).numpy()
     co, ci, k1, k2 = K.shape
     (s1, s2), (b1, b2) = conv.strides, conv.begins[:2]
     n1, n2 = grid
@@ -110,13 +110,14 @@ def test_the_fourier_inequality_holds_for_the_dense_zero_padded_block(case, seed
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("stride", [1, 2])
-def test_a_plain_pair_of_convolutions_holds_for_the_dense_zero_padded_layers(seed, stride):
-    """y = W2 relu(W1 u) with no shortcut (c_s = 0, VGG's conv-relu-conv): the proven y satisfies
-    the inequality with the real layers' dense matrices and equals the circular pair's best y."""
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 4), (2, 2)])
+def test_a_plain_pair_of_convolutions_holds_for_the_dense_zero_padded_layers(seed, stride, groups):
+    """y = W2 relu(W1 u) with no shortcut (c_s = 0, VGG's conv-relu-conv; with groups, MobileNet's
+    expansion then depthwise convolution): the proven y satisfies the inequality with the real
+    layers' dense matrices and equals the circular pair's best y."""
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, stride=stride, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(4, 3, 3, padding=1)).double()
+                              torch.nn.Conv2d(4, 4, 3, padding=1, groups=groups)).double()
     graph = lipcert.load(net, (1, 2, 8, 8))
     g = graph.merge_linear()
     w1, w2 = (n.lin for n in g.nodes if isinstance(n, Affine))
@@ -137,6 +138,15 @@ def test_a_plain_pair_of_convolutions_holds_for_the_dense_zero_padded_layers(see
     circular = 1.0 / np.linalg.eigvalsh(Bc @ np.linalg.solve(Nc, Bc.T)).max()
     assert abs(y / circular - 1.0) < 1e-5
     assert y ** -0.5 >= jacobian_lower(graph, 30) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("groups", [2, 6])
+def test_a_grouped_convolution_is_its_full_weight_with_zeros_between_groups(groups):
+    conv = torch.nn.Conv2d(6, 12, 3, padding=1, groups=groups).double()
+    lin = lipcert.load(torch.nn.Sequential(conv), (1, 6, 5, 5)).merge_linear().nodes[0].lin
+    x = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    ungrouped = torch.nn.functional.conv2d(x, full_weight(lin), padding=1)
+    assert torch.allclose(ungrouped, torch.nn.functional.conv2d(x, conv.weight, padding=1, groups=groups), atol=1e-12)
 
 
 def test_compose_bounds_plain_convolution_pairs_in_the_fourier_domain(monkeypatch):

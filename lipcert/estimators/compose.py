@@ -70,6 +70,10 @@ MARGINS = (1e-7, 1e-5, 1e-3)
 # seconds of widesdp's multiplier search for a linear map after max-pooling, where compose has no
 # rule but the naive one (Convnet_maxpool: 0.68 of naive in 20 s; sdp-wide searches minutes)
 POOL_SEARCH = 20.0
+# the most work (convblock.MAX_WORK's units) a conv-relu-conv pair may take, about 15 s on 2
+# cores: VGG's 512-channel pairs at 4x4 take 4e10; MobileNetV2's expansion + depthwise pairs
+# (1120 rows per frequency, 1.7e11) took most of a 10-minute run and are left to the naive rule
+PAIR_WORK = 5e10
 
 State = Union[np.ndarray, float]
 
@@ -554,7 +558,7 @@ class _Walker:
             # 2x2: 8.3 against naive's 5.8, 10-14 s each)
             return None
         a, b = _slopes(act)
-        block = self.conv_block(n1.inputs[0], n1, a, b, n2, None, 0.0, 1.0)
+        block = self.conv_block(n1.inputs[0], n1, a, b, n2, None, 0.0, 1.0, PAIR_WORK)
         return None if block is None else float(block[0])
 
     def affine(self, node: Affine) -> State:
@@ -652,7 +656,7 @@ class _Walker:
         return None
 
     def conv_block(self, p: str, n1: Affine, a: float, b: float, n2: Affine, shortcut: Node | None,
-                   c_s: float, c_b: float) -> tuple[State, str] | None:
+                   c_s: float, c_b: float, max_work: float | None = None) -> tuple[State, str] | None:
         """A block of convolutions too large for a dense form: its inequality in the Fourier
         domain (convblock.py), from the scalar state of its input."""
         from ..graph.convnorm import torch_threads
@@ -661,7 +665,8 @@ class _Walker:
         if a != 0.0 or not b > 0 or (self.deadline is not None and time.perf_counter() > self.deadline):
             return None
         with torch_threads(min(2, os.cpu_count() or 1)):  # large batched factorisations: 1.6x on 2 cores
-            y = block_factor(n1.lin, n2.lin, None if shortcut is None else shortcut.lin, b / 2.0, c_s, c_b)
+            y = block_factor(n1.lin, n2.lin, None if shortcut is None else shortcut.lin, b / 2.0, c_s, c_b,
+                             **({} if max_work is None else {"max_work": max_work}))
         if y is None:
             return None
         return scalar_of(self.states[p]) * y * (1.0 - 4 * EPS), "residual block inequality (Fourier domain)"

@@ -54,7 +54,21 @@ CHUNK_ENTRIES = 1 << 23  # complex entries per proof chunk (128 MB)
 
 
 def _usable(conv: object) -> bool:
-    return isinstance(conv, Conv) and conv.groups == 1 and not conv.transposed and all(d == 1 for d in conv.dilations)
+    return isinstance(conv, Conv) and not conv.transposed and all(d == 1 for d in conv.dilations)
+
+
+def full_weight(conv: Conv) -> torch.Tensor:
+    """The weight (c_out, c_in, *kernel) in float64, a grouped convolution's with zeros between
+    its groups (a depthwise convolution's is diagonal in the channels)."""
+    K = conv.weight.to(torch.float64)
+    if conv.groups == 1:
+        return K
+    co, cig = K.shape[:2]
+    cog = co // conv.groups
+    full = torch.zeros((co, cig * conv.groups, *K.shape[2:]), dtype=torch.float64)
+    for g in range(conv.groups):
+        full[g * cog:(g + 1) * cog, g * cig:(g + 1) * cig] = K[g * cog:(g + 1) * cog]
+    return full
 
 
 def block_grid(w1: Conv, w2: Conv, s: Conv | None) -> list[int] | None:
@@ -79,7 +93,7 @@ def spectrum(conv: Conv, strides: tuple[int, ...], small: list[int], freqs: torc
     the input at j s + t - begin; and a bound on the Frobenius norm of each block's rounding error.
     The phase of tap offset a at frequency f is exp(2 pi i (a . f mod n) / n), its index reduced
     exactly in integers, so each phase is within a few tens of eps of the exact one."""
-    K = conv.weight.to(torch.float64)
+    K = full_weight(conv)
     co, ci = K.shape[:2]
     nd = len(strides)
     phases = list(itertools.product(*[range(s) for s in strides]))
@@ -126,18 +140,18 @@ def _proven_psd_batch(a: torch.Tensor, err_fro: torch.Tensor) -> bool:
 
 
 def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float, c_b: float,
-                 info: dict | None = None) -> float | None:
+                 info: dict | None = None, max_work: float = MAX_WORK) -> float | None:
     """A proven y > 0 with ||dy||^2 <= ||du||^2 / y for the block y = c_s S u + c_b W2 phi(W1 u)
     (S: ``shortcut``, or the identity when None), phi with slopes in [0, 2m]; None when the
     block does not fit this step (see the module docstring). ``info`` receives the multiplier
-    and the periodic grid."""
+    and the periodic grid. ``max_work``: blocks whose factorisations cost more are not tried."""
     if not (_usable(w1) and _usable(w2) and (shortcut is None or _usable(shortcut))) or not m > 0:
         return None
     # the same block again (sdp-wide walks the network as compose does): the proven value computed before
-    key = (w2, shortcut, m, c_s, c_b)
+    key = (w2, shortcut, m, c_s, c_b, max_work)
     known = _DONE.setdefault(w1, {}).get(key)
     if known is None:
-        known = _DONE[w1][key] = _block_factor(w1, w2, shortcut, m, c_s, c_b)
+        known = _DONE[w1][key] = _block_factor(w1, w2, shortcut, m, c_s, c_b, max_work)
     if info is not None and known[1]:
         info.update(known[1])
     return known[0]
@@ -146,7 +160,8 @@ def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float
 _DONE: "weakref.WeakKeyDictionary[Conv, dict]" = weakref.WeakKeyDictionary()
 
 
-def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float, c_b: float) -> tuple[float | None, dict]:
+def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float, c_b: float,
+                  max_work: float) -> tuple[float | None, dict]:
     """block_factor's work: (y or None, the multipliers and the grid)."""
     grid = block_grid(w1, w2, shortcut)
     if grid is None:
@@ -155,11 +170,15 @@ def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: floa
     small = [g // s for g, s in zip(grid, strides)]
     # one frequency of each pair f, -f: the inequality at -f is the complex conjugate of the one at f
     freqs = unique_frequencies(small)
-    ci = w1.weight.shape[1] * math.prod(strides)
+    c_in = w1.weight.shape[1] * w1.groups
+    ci = c_in * math.prod(strides)
     cm, co = w1.weight.shape[0], w2.weight.shape[0]
-    if shortcut is None and c_s != 0.0 and (co != w1.weight.shape[1] or math.prod(strides) != 1):
+    if shortcut is None and c_s != 0.0 and (co != c_in or math.prod(strides) != 1):
         return None, {}
-    if len(freqs) * ((ci + cm) ** 3 + len(LAMBDA_FRACTIONS) * (cm**3 + co**3 + co * cm * (co + cm))) > MAX_WORK:
+    # the products with the input side (c_in x c_mid Gram blocks; with a shortcut, the Schur form's
+    # (c_in + c_mid) rows), then per multiplier a c_mid Cholesky and the (c_mid + c_out)-row proof
+    first = cm * cm * ci if c_s == 0.0 else (ci + cm) ** 3
+    if len(freqs) * (first + len(LAMBDA_FRACTIONS) * (cm**3 + co**3 + co * cm * (co + cm))) > max_work:
         return None, {}
     A1, e1 = spectrum(w1, strides, small, freqs)
     A2, e2 = spectrum(w2, (1,) * len(strides), small, freqs)
@@ -216,7 +235,7 @@ def channel_weights(w1: Conv, w2: Conv) -> torch.Tensor:
     5-6% lower block constants than one multiplier for all channels (and better than 1 / ||W1[c]||^2,
     ||W2[:, c]||^2 or 1 / max_f (W1 W1^H)_cc); any positive choice is proven the same way."""
     row1 = w1.weight.to(torch.float64).flatten(1).norm(dim=1)
-    col2 = w2.weight.to(torch.float64).transpose(0, 1).flatten(1).norm(dim=1)
+    col2 = full_weight(w2).transpose(0, 1).flatten(1).norm(dim=1)
     w = col2 / row1.clamp_min(1e-300)
     med = float(w.median())
     if not med > 0 or not math.isfinite(med):
