@@ -724,13 +724,17 @@ class _Walker:
         return (isinstance(n, Affine) and n.name != self.g.output and len(self.consumers[n.name]) == 1
                 and isinstance(self.g.node(self.consumers[n.name][0]), Activation))
 
-    def run(self) -> float:
+    def run(self, label: str = "compose") -> float:
+        from .. import progress
+
         self.deferred = {n.name: set(self.block_interior(n)) for n in self.g.nodes if isinstance(n, Sum)}
         inside = set().union(*self.deferred.values()) if self.deferred else set()
-        for n in self.g.nodes:
-            if n.name in inside or self.skipped(n):
-                continue
-            self.visit(n)
+        todo = [n for n in self.g.nodes if n.name not in inside and not self.skipped(n)]
+        # a bar on a terminal only: a ResNet-50's walk takes minutes (its Fourier-domain steps)
+        with progress.bar(label, len(todo)) as bar:
+            for i, n in enumerate(todo):
+                self.visit(n)
+                bar.update(i + 1)
         return _bound_of(self.states[self.g.output])
 
 
@@ -754,7 +758,7 @@ def compose_bound(graph: Graph, wide_sdp_time: float | None = None, info: list |
     walker = _Walker(merged, wide_sdp_time, deadline)
     # one BLAS thread: on a shared machine spin-waiting threads cost 10-100x (see lipcert/sdp/fast.py)
     with single_threaded():
-        value = walker.run()
+        value = walker.run("compose" if wide_sdp_time is None else "sdp-wide")
         if info is not None:
             info.extend(walker.wide_sdp_info)
         naive = node_lipschitz_bounds(merged, "2", _naive_norm)[0][merged.output]
