@@ -68,7 +68,7 @@ DENSE_WEIGHT = 4096 * 6144
 # The relative margin built into every closed-form choice, so that the float64 check has room.
 MARGINS = (1e-7, 1e-5, 1e-3)
 # seconds of widesdp's multiplier search for a linear map after max-pooling, where compose has no
-# rule but the naive one (Convnet_maxpool: 0.68 of naive in 20 s; sdp-wide searches minutes)
+# rule but the naive one (Convnet_maxpool: 0.65-0.71 of naive in 20 s, by machine; sdp-wide searches minutes)
 POOL_SEARCH = 20.0
 # the most work (convblock.MAX_WORK's units) a conv-relu-conv pair may take, about 15 s on 2
 # cores: VGG's 512-channel pairs at 4x4 take 4e10; MobileNetV2's expansion + depthwise pairs
@@ -660,13 +660,13 @@ class _Walker:
         """A block of convolutions too large for a dense form: its inequality in the Fourier
         domain (convblock.py), from the scalar state of its input."""
         from ..graph.convnorm import torch_threads
-        from .convblock import block_factor
+        from .convblock import MAX_WORK, block_factor
 
         if a != 0.0 or not b > 0 or (self.deadline is not None and time.perf_counter() > self.deadline):
             return None
         with torch_threads(min(2, os.cpu_count() or 1)):  # large batched factorisations: 1.6x on 2 cores
             y = block_factor(n1.lin, n2.lin, None if shortcut is None else shortcut.lin, b / 2.0, c_s, c_b,
-                             **({} if max_work is None else {"max_work": max_work}))
+                             max_work=MAX_WORK if max_work is None else max_work)
         if y is None:
             return None
         return scalar_of(self.states[p]) * y * (1.0 - 4 * EPS), "residual block inequality (Fourier domain)"
