@@ -182,13 +182,19 @@ def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: floa
         return None, {}
     A1, e1 = spectrum(w1, strides, small, freqs)
     A2, e2 = spectrum(w2, (1,) * len(strides), small, freqs)
-    if c_s == 0.0:  # a plain pair W2 phi(W1 u), no shortcut
-        As, es = torch.zeros((len(freqs), co, ci), dtype=torch.complex128), torch.zeros(len(freqs), dtype=torch.float64)
-    elif shortcut is None:
-        As, es = torch.eye(ci, dtype=torch.complex128).expand(len(freqs), ci, ci), torch.zeros(len(freqs), dtype=torch.float64)
+    nf = len(freqs)
+    if c_s == 0.0:  # a plain pair W2 phi(W1 u): the shortcut's products are zero, not computed
+        BsBs, BsA1 = (torch.zeros((nf, co, c), dtype=torch.complex128) for c in (co, cm))
+        bs_fro = es = torch.zeros(nf, dtype=torch.float64)
     else:
-        As, es = spectrum(shortcut, strides, small, freqs)
-    Bs, B2 = c_s * As, c_b * A2
+        if shortcut is None:
+            As, es = torch.eye(ci, dtype=torch.complex128).expand(nf, ci, ci), torch.zeros(nf, dtype=torch.float64)
+        else:
+            As, es = spectrum(shortcut, strides, small, freqs)
+        Bs = c_s * As
+        BsBs, BsA1 = Bs @ Bs.mH, Bs @ A1.mH  # (F, co, co), (F, co, cm)
+        bs_fro, es = torch.linalg.norm(Bs, dim=(1, 2)), abs(c_s) * es
+    B2 = c_b * A2
     G1 = A1 @ A1.mH  # (F, cm, cm)
     w = channel_weights(w1, w2)
     root_w = w.sqrt().to(torch.complex128)
@@ -196,8 +202,6 @@ def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: floa
     if not top > 0:
         return None, {}
     lam_top = 1.0 / (m * m * top)
-    BsBs = Bs @ Bs.mH
-    BsA1 = Bs @ A1.mH  # (F, co, cm)
     best_y, best_t = 0.0, None
     for frac in LAMBDA_FRACTIONS:
         t = (frac * lam_top) * w
@@ -213,8 +217,7 @@ def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: floa
     if best_t is None:
         return None, {}
     # the proof (see _proof_chunk), with bounds on the Frobenius errors of the products it uses
-    a1_fro, bs_fro = torch.linalg.norm(A1, dim=(1, 2)), torch.linalg.norm(Bs, dim=(1, 2))
-    es, e2 = abs(c_s) * es, abs(c_b) * e2
+    a1_fro, e2 = torch.linalg.norm(A1, dim=(1, 2)), abs(c_b) * e2
     g = gamma(2 * ci + 4)
     g1_err = 2.0 * a1_fro * e1 + e1**2 + g * a1_fro**2
     bsa1_err = bs_fro * e1 + es * a1_fro + es * e1 + g * bs_fro * a1_fro
