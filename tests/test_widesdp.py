@@ -64,30 +64,105 @@ def test_tournament_after_the_activation_computes_the_max(k):
 
 @pytest.mark.parametrize("k", [2, 4, 16])
 def test_window_constraints_are_valid_and_tight(k):
-    """The constraints of LocalLayer.thetas (as the solver builds them) on differences of
-    max(0, z_1..z_k): the quadratic form [dz; dv]^T Q [dz; dv] is PSD at every vertex of the Clarke
-    set (lambda = 0 and e_i), tight at one of them, and >= 0 on sampled pairs of points."""
-    W = np.eye(k)
-    layer = WS.maxpool_layer(W, np.arange(k)[None, :], np.ones((1, 1)), 1.0)
+    """The window constraint of a max-pooling group (M, m and the proven mu, as the proof builds
+    them from random parameters) on differences of max(0, z_1..z_k): PSD at every vertex of the
+    Clarke set (lambda = 0 and e_i), tight (1.001 mu is not valid), and >= 0 on sampled pairs of
+    points; M = I, m = theta 1 gives back the scalar constraint 1 + 2 theta - (k - 1) theta^2."""
+    layer = WS.maxpool_layer(np.eye(k), np.arange(k)[None, :], np.ones((1, 1)), 1.0)
     tl = WS._Torch(layer)
-    thetas, cvals = tl.theta.numpy(), tl.cvals.numpy()
-    assert len(thetas) == 2 and thetas[1] == pytest.approx(1 / (k - 1))
-    for th, c in zip(thetas, cvals):
-        Q = np.zeros((k + 1, k + 1))
-        Q[:k, :k] = np.eye(k)
-        Q[:k, k] = Q[k, :k] = th
-        Q[k, k] = -c
-        mins = [np.linalg.eigvalsh(np.vstack([np.eye(k), lam[None]]).T @ Q @ np.vstack([np.eye(k), lam[None]]))[0]
-                for lam in [np.zeros(k)] + list(np.eye(k))]
-        assert min(mins) >= -1e-12 and min(mins) <= 1e-12  # valid, and c is the largest valid value
     gen = np.random.default_rng(k)
-    for _ in range(2000):
-        z1, z2 = gen.standard_normal(k) * gen.choice([0.1, 1, 10]), gen.standard_normal(k)
-        if gen.random() < 0.3:
-            z2 = z1 + 1e-3 * gen.standard_normal(k)
-        dz, dv = z1 - z2, max(0.0, z1.max()) - max(0.0, z2.max())
-        for th, c in zip(thetas, cvals):
-            assert dz @ dz + 2 * th * dv * dz.sum() - c * dv**2 >= -1e-12 * (dz @ dz)
+    w = gen.standard_normal((8, WS.window_params(k))) * 0.3
+    w[:, 1 + k:-k] *= 2.0 / k
+    w[:, -k:] *= 0.5 / k
+    w[0] = 0.0
+    w[0, -k:] = 1.0 / (k - 1)  # the sign-aware scalar constraint
+    w = torch.from_numpy(w)
+    mu = WS._proven_window_mu(tl, w)
+    assert mu is not None
+    th = 1.0 / (k - 1)
+    assert float(mu[0]) == pytest.approx(1 + 2 * th - (k - 1) * th**2, rel=1e-5)
+    sqrt_a, B, theta, _ = (v.numpy() for v in tl.window(w))
+    for g in range(w.shape[0]):
+        a = sqrt_a[g] ** 2
+        M, m = a * B[g] @ B[g].T, a * theta[g]
+        vertex = [np.linalg.eigvalsh(M + np.outer(m, e) + np.outer(e, m) - f * float(mu[g]) * np.outer(e, e))[0]
+                  for f in (1.0, 1.001) for e in np.eye(k)]
+        assert min(vertex[:k]) >= -1e-12 * a and min(vertex[k:]) < 0
+        for _ in range(500):
+            z1, z2 = gen.standard_normal(k) * gen.choice([0.1, 1, 10]), gen.standard_normal(k)
+            if gen.random() < 0.3:
+                z2 = z1 + 1e-3 * gen.standard_normal(k)
+            dz, dv = z1 - z2, max(0.0, z1.max()) - max(0.0, z2.max())
+            assert dz @ M @ dz + 2 * dv * m @ dz - float(mu[g]) * dv**2 >= -1e-12 * a * (dz @ dz)
+    # the vertex proof: the exact largest valid mu passes (barely below), 1.001 x it does not
+    sqrt_a, B, theta, mu_hat = tl.window(w)
+    exact = mu_hat / (1 - 1e-6)
+    assert WS.vertices_proven(B, theta, exact * (1 - 1e-6))
+    for g in range(w.shape[0]):
+        over = exact.clone()
+        over[g] *= 1.001
+        assert not WS.vertices_proven(B, theta, over)
+    bad = w.clone()
+    bad[1, -k:] = -2.0  # no mu > 0 is valid for this m: refused, not proven
+    assert WS._proven_window_mu(tl, bad) is None
+
+
+def _window_sdp(layer: WS.LocalLayer) -> float:
+    """The same relaxation by cvxpy (Clarabel): tournament units, and per window a matrix
+    multiplier (M >= 0, m, mu >= 0) with the vertex inequalities; sqrt of its optimal rho."""
+    import cvxpy as cp
+
+    G, n, (k, r) = layer.groups, layer.Qz.shape[0], (layer.Qz.shape[1], layer.r)
+    N = layer.n_in + G * n
+    rho, t = cp.Variable(nonneg=True), cp.Variable((G, n), nonneg=True)
+    E = np.zeros((r, N))
+    for g in range(G):
+        E[:, layer.n_in + g * n:layer.n_in + (g + 1) * n] = layer.V[g].T
+    F = rho * np.pad(np.eye(layer.n_in), ((0, G * n), (0, G * n))) - E.T @ E
+    cons = []
+    for g in range(G):
+        Z = np.zeros((k, N))
+        Z[:, layer.cols[g]] = layer.Wz[g]  # (padding columns repeat a real one with zero weights)
+        Pu = np.zeros((n, N))
+        Pu[:, layer.n_in + g * n:layer.n_in + (g + 1) * n] = np.eye(n)
+        Q = layer.Qz @ Z + layer.Qp @ Pu
+        for u in range(n):
+            F = F - t[g, u] * (layer.beta[u] * 0.5 * (np.outer(Pu[u], Q[u]) + np.outer(Q[u], Pu[u])) - np.outer(Pu[u], Pu[u]))
+        M, m, mu = cp.Variable((k, k), symmetric=True), cp.Variable((k, 1)), cp.Variable(nonneg=True)
+        cons.append(M >> 0)
+        for e in np.eye(k)[:, :, None]:
+            cons.append(M + m @ e.T + e @ m.T - mu * (e @ e.T) >> 0)
+        p, mz = Pu[layer.window_unit][:, None], Z.T @ m
+        F = F - (Z.T @ M @ Z + p @ mz.T + mz @ p.T - mu * (p @ p.T))
+    cp.Problem(cp.Minimize(rho), cons + [(F + F.T) / 2 >> 0]).solve(solver="CLARABEL")
+    return math.sqrt(float(rho.value))
+
+
+def test_window_constraints_reach_their_sdp_optimum_and_stay_above_every_selection():
+    """Conv (1 -> 2 channels, 2x2) -> relu -> 2x2 max-pooling -> linear, as LocalLayer. From the
+    window start the search reaches the optimum of the same relaxation solved by cvxpy (a proven
+    value can never be below it: 6.2488 against 6.2469), lower than from the units' start (6.298,
+    which stays in its basin); and no value is below the largest selection (6.172)."""
+    gen = np.random.default_rng(0)
+    C, H, r = 2, 4, 3
+    K = gen.standard_normal((C, 2, 2))
+    W = np.array([np.pad(K[c], ((i, H - 1 - i), (j, H - 1 - j))).ravel() for c in range(C) for i in range(H) for j in range(H)])
+    windows = np.array([[c * H * H + (bi + a) * H + bj + b for a in range(2) for b in range(2)]
+                        for c in range(C) for bi in (0, 2) for bj in (0, 2)])
+    Wl = gen.standard_normal((r, len(windows)))
+    layer = WS.maxpool_layer(W, windows, Wl, 1.0)
+    ref = _window_sdp(layer)
+    rho_w, _ = WS.wide_bound(layer, time_limit=10, window_start=True)
+    rho_u, _ = WS.wide_bound(layer, time_limit=10, window_start=False)
+    selections = max(np.linalg.norm(sum((np.outer(Wl[:, g], W[windows[g, c]]) for g, c in enumerate(pick) if c < 4), np.zeros((r, W.shape[1]))), 2)
+                     for pick in itertools.product(range(5), repeat=len(windows)))
+    assert selections <= ref * (1 + 1e-6)
+    assert ref * (1 - 1e-6) <= math.sqrt(rho_w) <= ref * 1.005
+    assert ref * (1 - 1e-6) <= math.sqrt(rho_u) and rho_w < rho_u
+    # the proof with the search's multipliers: below the relaxation's optimum is impossible
+    t, _ = WS.optimise(layer, time_limit=10, window_start=True)
+    rho_t = WS.best_rho(WS._Torch(layer), torch.from_numpy(t), None)
+    assert WS.prove(layer, t, rho_t * (1 + 1e-5)) and not WS.prove(layer, t, ref**2 * (1 - 1e-3))
 
 
 @pytest.mark.parametrize("kernel,stride,pad", [(2, 2, 0), (3, 2, 1), (2, 1, 0)])

@@ -28,7 +28,7 @@ frequency: the Hermitian matrix N_f - y B_f^H B_f (through an equivalent one of 
 rows, ``_proof_chunk``), assembled in float64 from spectra computed from the kernel taps with
 exact integer phase indices, is shown positive semidefinite by a
 batched complex Cholesky factorisation with an allowance for the spectra's rounding, the
-assembly and the factorisation (``_proven_psd_batch``). With x = 1 the block's output state is
+assembly and the factorisation (``compose.proven_psd_batch``). With x = 1 the block's output state is
 y: ||dy||^2 <= ||du||^2 / y, so an input state x gives x y.
 """
 
@@ -43,6 +43,7 @@ import torch
 from ..config import EPS, gamma
 from ..graph import Conv
 from ..graph.convnorm import _unique_frequencies as unique_frequencies
+from .compose import proven_psd_batch
 
 # Fractions of the largest multiplier that keeps N positive definite (measured on the blocks of a
 # random CIFAR ResNet-18: the best fraction was 0.7-0.8 in every block)
@@ -119,24 +120,6 @@ def spectrum(conv: Conv, strides: tuple[int, ...], small: list[int], freqs: torc
     phase_err = (2.0 * math.pi * nd * (nd + 2) + 4.0) * EPS
     err = 2.0 * (gamma(2 * len(taps) + 4) + phase_err) * float(torch.linalg.norm(abs_sum))
     return out.reshape(len(freqs), co, ci * len(phases)), torch.full((len(freqs),), err, dtype=torch.float64)
-
-
-def _proven_psd_batch(a: torch.Tensor, err_fro: torch.Tensor) -> bool:
-    """True only if, for every b, every Hermitian matrix within Frobenius distance err_fro[b] of
-    a[b] is positive semidefinite: the complex analogue of compose.proven_psd (diagonal scaling
-    by exact powers of two; a Cholesky factorisation of D a D - delta I that completes; delta
-    covers max(D)^2 err_fro and twice the real backward error bound gamma_{2(n+1)} n max diag)."""
-    b, n, _ = a.shape
-    if not bool(torch.isfinite(torch.view_as_real(a)).all()):
-        return False
-    diag = a.diagonal(dim1=-2, dim2=-1).real.abs().clone()
-    diag[~(diag > 0)] = 1.0
-    D = torch.exp2(-torch.round(torch.log2(torch.sqrt(diag))))
-    ad = a * (D[:, :, None] * D[:, None, :]).to(a.dtype)
-    delta = err_fro * D.max(dim=1).values ** 2 + 2.0 * gamma(2 * (n + 1)) * n * ad.diagonal(dim1=-2, dim2=-1).real.abs().max(dim=1).values
-    ad.diagonal(dim1=-2, dim2=-1).sub_(delta[:, None].to(a.dtype))
-    _, info = torch.linalg.cholesky_ex(ad)
-    return bool((info == 0).all())
 
 
 def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float, c_b: float,
@@ -290,4 +273,4 @@ def _proof_chunk(G1: torch.Tensor, BsA1: torch.Tensor, B2: torch.Tensor, BsBs: t
     t_max = float(t.max())
     q_err = b2_err + m * t_max * bsa1_err
     err = (m * t_max) ** 2 * g1_err + 2.0 * root * q_err + y * bsbs_err + 4.0 * EPS * torch.linalg.norm(T, dim=(1, 2))
-    return _proven_psd_batch(T, 2.0 * err)
+    return proven_psd_batch(T, 2.0 * err)

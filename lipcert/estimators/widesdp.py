@@ -15,9 +15,9 @@ on the differences (the same letters denote differences from here on). Two layer
   k - 1 ReLU units, max(a, b) = b + relu(a - b), and a last unit phi: n = k units. Overlapping
   windows are just groups that share entries of z: no sqrt(overlap) factor. When the slopes of phi
   are in [0, 1] (ReLU, tanh, sigmoid), a difference of the window's output is lambda^T dz for some
-  lambda >= 0 with sum lambda <= 1 (mean value theorem with Clarke's gradients), which gives two
-  more constraints per window, each with its own multiplier (LocalLayer.thetas): 1-Lipschitz in
-  l2 of the window, and a sign-aware one.
+  lambda >= 0 with sum lambda <= 1 (mean value theorem with Clarke's gradients), which gives one
+  more constraint per window with a matrix-valued multiplier (LocalLayer.window_unit): a quadratic
+  form in (dz, dp) that is nonnegative on that set, proven so at the set's vertices.
 
 The matrix inequality. With multipliers t_u >= 0 (one per unit: LipSDP-Neuron) the S-procedure
 gives ||dy||^2 <= rho du^T X du if, with T = diag(t), B = diag(beta),
@@ -61,7 +61,7 @@ from ..graph import Activation, Affine, Graph, MaxPool
 from ..graph.convnorm import single_threaded
 from ..result import Result
 from .base import register
-from .compose import DENSE_STATE, MARGINS, _dense_of, _is_dense, compose_bound, compose_result, proven_psd
+from .compose import DENSE_STATE, MARGINS, _dense_of, _is_dense, compose_bound, compose_result, proven_psd, proven_psd_batch
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,16 @@ class LocalLayer:
     beta: np.ndarray  # (n,): slope interval [0, beta_u] of every unit
     V: np.ndarray  # (G, n, r): dy = sum_g V_g^T p_g
     # a unit u whose output is max(0, z_1..z_k) of the group's z (a pooling window), -1: none;
-    # then every theta below adds the valid constraint (its own multiplier a_g, in column n + i of t)
-    #   a_g (||z||^2 + 2 theta p_u 1^T z - (1 + 2 theta - (k - 1) theta^2) p_u^2) >= 0:
-    # with p_u = lambda^T z, lambda in {lambda >= 0, sum lambda <= 1} (its Clarke set), the form is
-    # concave in lambda and PSD at every vertex (0, e_i), so PSD on the whole set; theta = 0 is
-    # 1-Lipschitz in l2, theta = 1 / (k - 1) the most the vertex condition allows with signs
-    l2_unit: int = -1
-    thetas: tuple[float, ...] = ()
+    # then the group has one more, matrix-valued multiplier (window_params(k) columns of t, see
+    # _Torch.window): M >= 0 (k x k), m (k) and mu >= 0 with the valid constraint
+    #   z^T M z + 2 p_u m^T z - mu p_u^2 >= 0:
+    # p_u = lambda^T z with lambda in {lambda >= 0, sum lambda <= 1} (the Clarke set), the form is
+    # concave in lambda (mu >= 0), so it is >= 0 on the set when it is PSD at every vertex 0, e_i:
+    # M >= 0 and M + m e_i^T + e_i m^T - mu e_i e_i^T >= 0, i.e. mu <= (1 + h_i)^2 / H_ii - m^T H m
+    # (H = M^-1, h = H m). M = I, m = theta 1 is the 1-Lipschitz (theta = 0) and sign-aware
+    # (theta = 1 / (k - 1)) pair of scalar constraints this replaces (measured on cvxpy subproblems
+    # of Convnet_maxpool: 16-22% lower bounds than with that pair, which added nothing there)
+    window_unit: int = -1
 
     @property
     def groups(self) -> int:
@@ -99,12 +102,17 @@ class LocalLayer:
 
     @property
     def multipliers(self) -> int:
-        """Multipliers per group: one per unit, and one per theta when ``l2_unit`` is set."""
-        return int(self.Qz.shape[0]) + (len(self.thetas) if self.l2_unit >= 0 else 0)
+        """Multipliers per group: one per unit, and the window's parameters when ``window_unit`` is set."""
+        return int(self.Qz.shape[0]) + (window_params(int(self.Qz.shape[1])) if self.window_unit >= 0 else 0)
 
     @property
     def r(self) -> int:
         return int(self.V.shape[2])
+
+
+def window_params(k: int) -> int:
+    """Columns of t that parametrise one window constraint of k entries (see _Torch.window)."""
+    return 1 + 2 * k + k * (k - 1) // 2
 
 
 def _local_columns(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,8 +226,7 @@ def maxpool_layer(W: np.ndarray, windows: np.ndarray, Wl: np.ndarray, beta: floa
     V = out[None, :, None] * Wl[:, used].T[:, None, :]
     if beta > 1.0 or activation_first:  # the window constraints need the Clarke set inside {lambda >= 0, sum lambda <= 1}
         return LocalLayer(W.shape[1], cols, _gather(W, windows, cols, pad), Qz, Qp, b, V)
-    thetas = (0.0, 1.0 / (k - 1)) if k > 1 else (0.0,)
-    return LocalLayer(W.shape[1], cols, _gather(W, windows, cols, pad), Qz, Qp, b, V, l2_unit=k - 1, thetas=thetas)
+    return LocalLayer(W.shape[1], cols, _gather(W, windows, cols, pad), Qz, Qp, b, V, window_unit=k - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,54 +245,107 @@ class _Torch:
         self.p_idx = (cols[:, :, None] * self.n_in + cols[:, None, :]).reshape(-1)
         self.z_idx = (cols[:, :, None] * self.r + torch.arange(self.r)[None, None, :]).reshape(-1)
         self.QzWz = torch.einsum("nk,gkc->gnc", self.Qz, self.Wz)  # (G, n, c)
-        self.n, self.l2_unit = int(self.Qz.shape[0]), layer.l2_unit
-        if self.l2_unit >= 0:
-            k = int(self.Qz.shape[1])
-            self.theta = f(np.array(layer.thetas, float))
-            self.cvals = 1 + 2 * self.theta - (k - 1) * self.theta**2
-            self.WtW = self.Wz.transpose(1, 2) @ self.Wz  # (G, c, c)
-            self.sumW = self.Wz.sum(1)  # (G, c): 1^T W_g
-            self.e_l2 = torch.zeros(self.n, dtype=torch.float64)
-            self.e_l2[self.l2_unit] = 1.0
+        self.n, self.window_unit = int(self.Qz.shape[0]), layer.window_unit
+        if self.window_unit >= 0:
+            self.k = int(self.Qz.shape[1])
+            self.lower = torch.tril_indices(self.k, self.k, -1)
+            self.e_w = torch.zeros(self.n, dtype=torch.float64)
+            self.e_w[self.window_unit] = 1.0
 
-    def blocks(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """D (G, n, n), C (G, n, c) and a (G,) or None, for multipliers t (G, multipliers).
-        The window constraints (LocalLayer.thetas) add sum_i a_i c_i to D_g's (u, u) entry,
-        sum_i a_i theta_i 1^T W_g to C_g's row u, and a W_g^T W_g to P (a = sum_i a_i)."""
+    def to_t(self, s: torch.Tensor) -> torch.Tensor:
+        """Multipliers t from the search's variables: log t for the units, the window's as they are."""
+        return torch.cat([torch.exp(s[:, : self.n]), s[:, self.n:]], 1)
+
+    def to_s(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.log(t[:, : self.n]), t[:, self.n:]], 1)
+
+    def window(self, w: torch.Tensor, tau: torch.Tensor | None = None):
+        """(sqrt_a, B, theta, mu_hat) of the window constraints from their parameters w (G, window_params(k)):
+        [log a, e (k), the strictly lower part of B (k(k-1)/2), theta (k)]. The constraint is
+        M = a B B^T with B = diag(exp e) + lower (so M > 0), m = a theta, mu = a mu_hat, mu_hat the
+        largest valid value min_i (1 + h_i)^2 / H_ii - theta^T H theta (H = (B B^T)^-1, h = H theta),
+        times (1 - 1e-6); with ``tau`` (G,), a smooth minimum below it (-tau log sum exp(-value / tau),
+        within tau log k below the minimum: always valid, for the search; see ``window_tau``).
+        mu_hat is None when some window has no valid mu_hat > 0 (the form would not be concave in lambda)."""
+        k, G = self.k, w.shape[0]
+        sqrt_a = torch.exp(0.5 * w[:, 0])
+        B = torch.diag_embed(torch.exp(w[:, 1:1 + k]))
+        low = w.new_zeros(G, k, k)
+        low[:, self.lower[0], self.lower[1]] = w[:, 1 + k:-k]
+        B = B + low
+        theta = w[:, -k:]
+        Binv = torch.linalg.solve_triangular(B, torch.eye(k, dtype=w.dtype).expand(G, k, k), upper=False)
+        Hii = (Binv**2).sum(1)
+        v = (Binv @ theta[:, :, None])[:, :, 0]
+        h = (Binv.transpose(1, 2) @ v[:, :, None])[:, :, 0]
+        vals = (1.0 + h) ** 2 / Hii - (v**2).sum(1, keepdim=True)
+        if tau is None:
+            mu_hat = vals.min(1).values * (1.0 - 1e-6)
+        else:
+            mu_hat = -tau * torch.logsumexp(-vals / tau[:, None], 1)
+        if not bool((mu_hat > 0).all()):
+            return sqrt_a, B, theta, None
+        return sqrt_a, B, theta, mu_hat
+
+    def window_tau(self, t: torch.Tensor, rel: float) -> torch.Tensor | None:
+        """Temperatures of the smooth minimum for a search stage, fixed during it (a temperature that
+        moved with t would make the gradient inconsistent): the smooth minimum is then at most
+        ``rel`` x the minimum below it at t."""
+        if self.window_unit < 0:
+            return None
+        with torch.no_grad():
+            _, _, _, mu_hat = self.window(t[:, self.n:])
+        if mu_hat is None:
+            return None
+        return rel * mu_hat / math.log(self.k + 1)
+
+    def blocks(self, t: torch.Tensor, tau: torch.Tensor | None = None, mu: torch.Tensor | None = None):
+        """D (G, n, n), C (G, n, c) and BW (G, k, c) or None, for multipliers t (G, multipliers);
+        None when the window constraints are not valid. A window constraint adds mu to D_g's
+        (u, u) entry, m^T W_g to C_g's row u, and W_g^T M W_g = BW^T BW to P (``mu``: its mu, instead of
+        the one computed from t, e.g. the proven one)."""
         tu = t[:, : self.n]
         tb = tu * self.beta
         TBQ = tb[:, :, None] * self.Qp
         D = torch.diag_embed(2.0 * tu) - TBQ - TBQ.transpose(1, 2)
-        a = None
+        BW = None
         C = tb[:, :, None] * self.QzWz
-        if self.l2_unit >= 0:
-            A = t[:, self.n:]
-            a = A.sum(1)
-            D = D + torch.diag_embed((A @ self.cvals)[:, None] * self.e_l2)
-            C = C + ((A @ self.theta)[:, None] * self.sumW)[:, None, :] * self.e_l2[None, :, None]
-        return D, C, a
+        if self.window_unit >= 0:
+            sqrt_a, B, theta, mu_hat = self.window(t[:, self.n:], tau)
+            if mu is None:
+                if mu_hat is None:
+                    return None
+                mu = sqrt_a**2 * mu_hat
+            D = D + torch.diag_embed(mu[:, None] * self.e_w)
+            mW = ((sqrt_a**2)[:, None] * theta)[:, None, :] @ self.Wz  # (G, 1, c)
+            C = C + mW * self.e_w[None, :, None]
+            BW = sqrt_a[:, None, None] * (B.transpose(1, 2) @ self.Wz)
+        return D, C, BW
 
-    def reduced(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(P, Z, S), or None when some D_g is not positive definite."""
-        D, C, a = self.blocks(t)
+    def reduced(self, t: torch.Tensor, tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(P, Z, S), or None when some D_g is not positive definite (or a window constraint is not valid)."""
+        blk = self.blocks(t, tau)
+        if blk is None:
+            return None
+        D, C, BW = blk
         L, info = torch.linalg.cholesky_ex(D)
         if bool((info != 0).any()):
             return None
         Fc = torch.linalg.solve_triangular(L, C, upper=False)
         Fv = torch.linalg.solve_triangular(L, self.V, upper=False)
         Pg = Fc.transpose(1, 2) @ Fc
-        if a is not None:
-            Pg = Pg + a[:, None, None] * self.WtW
+        if BW is not None:
+            Pg = Pg + BW.transpose(1, 2) @ BW
         P = torch.zeros(self.n_in * self.n_in, dtype=t.dtype).index_add(0, self.p_idx, Pg.reshape(-1))
         Z = torch.zeros(self.n_in * self.r, dtype=t.dtype).index_add(0, self.z_idx, (Fc.transpose(1, 2) @ Fv).reshape(-1))
         S = torch.eye(self.r, dtype=t.dtype) - torch.einsum("gnr,gns->rs", Fv, Fv)
         return P.reshape(self.n_in, self.n_in), Z.reshape(self.n_in, self.r), S
 
 
-def _target(tl: _Torch, t: torch.Tensor, Xi: torch.Tensor | None) -> torch.Tensor | None:
+def _target(tl: _Torch, t: torch.Tensor, Xi: torch.Tensor | None, tau: torch.Tensor | None = None) -> torch.Tensor | None:
     """The matrix whose largest eigenvalue is the best rho for t: X^-1/2 (P + Z S^-1 Z^T) X^-1/2
     (Xi = the inverse Cholesky factor of X, None for X = I)."""
-    red = tl.reduced(t)
+    red = tl.reduced(t, tau)
     if red is None:
         return None
     P, Z, S = red
@@ -351,26 +411,34 @@ class _SmoothTop(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float, hint: dict) -> torch.Tensor | None:
-    M = _target(tl, torch.exp(s), Xi)
+def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float, hint: dict, tau: torch.Tensor | None = None) -> torch.Tensor | None:
+    M = _target(tl, tl.to_t(s), Xi, tau)
     if M is None or not bool(torch.isfinite(M).all()):
         return None
     return _SmoothTop.apply(M, mu, hint)
 
 
-def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tensor:
-    """Log-multipliers (G, multipliers) of the best one-parameter family on a grid."""
+def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: bool = True) -> torch.Tensor:
+    """Search variables (G, multipliers) of the best one-parameter family on a grid: the units'
+    (see _initial_units), then the window constraints as M = a I, m = a theta 1 (a = f x the
+    multiplier of the window's unit, theta 0 or 1 / (k - 1)). ``window_start``: the units'
+    multipliers scaled by 1e-6 first, so that the window constraints carry the bound (see
+    WINDOW_START_S)."""
     s = _initial_units(tl, Xi, G, n)
-    if tl.l2_unit < 0:
+    if tl.window_unit < 0:
         return s
-    m = len(tl.theta)
-    last = s[:, tl.l2_unit:tl.l2_unit + 1].expand(G, m)
-    best = (math.inf, torch.cat([s, last + math.log(1e-4)], 1))
-    for f in np.geomspace(1e-4, 1.0, 9):  # every a_i = f x the multiplier of unit u
-        cand = torch.cat([s, last + math.log(f)], 1)
-        rho = best_rho(tl, torch.exp(cand), Xi)
-        if rho < best[0]:
-            best = (rho, cand)
+    k = tl.k
+    last = s[:, tl.window_unit:tl.window_unit + 1]
+    rest = torch.zeros(G, window_params(k) - 1, dtype=torch.float64)
+    best = (math.inf, None)
+    units, factors = (s + math.log(1e-6), np.geomspace(1e-2, 1e4, 7)) if window_start else (s, np.geomspace(1e-4, 1.0, 9))
+    for theta in (0.0, 1.0 / max(k - 1, 1)):
+        rest[:, -k:] = theta
+        for f in factors:
+            cand = torch.cat([units, last + math.log(f), rest], 1)
+            rho = best_rho(tl, tl.to_t(cand), Xi)
+            if rho < best[0]:
+                best = (rho, cand)
     return best[1].clone()
 
 
@@ -382,16 +450,20 @@ def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch
     for u in range(n):
         prev = np.flatnonzero(Qp[u] != 0)
         depth[u] = 1 + depth[prev].max() if len(prev) else 0
-    pad = torch.full((G, len(tl.theta) if tl.l2_unit >= 0 else 0), -60.0, dtype=torch.float64)  # a_i = e^-60 meanwhile
+    pad = torch.zeros((G, window_params(tl.k) if tl.window_unit >= 0 else 0), dtype=torch.float64)
+    if tl.window_unit >= 0:
+        pad[:, 0] = -60.0  # the window constraints' a = e^-60 meanwhile
     # groups whose outputs weigh more get larger multipliers: t ~ ||V_g||^power
     vlog = torch.log(torch.linalg.matrix_norm(tl.V).clamp_min(1e-300))[:, None]
 
     def scan(bases: list[torch.Tensor], factors: np.ndarray, best: tuple) -> tuple:
         for base in bases:
             for f in factors:
-                rho = best_rho(tl, torch.exp(base + math.log(f)), Xi)
+                cand = base.clone()
+                cand[:, :n] += math.log(f)
+                rho = best_rho(tl, tl.to_t(cand), Xi)
                 if rho < best[0]:
-                    best = (rho, base + math.log(f))
+                    best = (rho, cand)
         return best
 
     # every family on a grid of tau (a factor 10 apart), then only the best one refined: half
@@ -411,32 +483,48 @@ def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch
 # under load: 304.2 from 1e-1 down, 348.8 when starting at 1e-3).
 SMOOTHING = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 ITERATIONS = 200
+# Searches of at least this many seconds start where the window constraints carry the bound and
+# the tournament's multipliers are near zero; shorter ones from the units' family. Measured on
+# Convnet_maxpool (300 s): the window start is at 390 after 98 s and 298 after 147 s, 285.6 at
+# 300 s; the units' start 305 after 104 s, 303.1 at 300 s (its basin: cvxpy on 2-16 window pieces
+# puts the optimum at zero unit multipliers, which the search does not reach from there).
+WINDOW_START_S = 150.0
 
 
 def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT, iters: int = ITERATIONS,
-             smoothing: tuple[float, ...] = SMOOTHING, memory: int = 12) -> tuple[np.ndarray, dict]:
-    """Multipliers t (G, n) for ``layer`` from the state X (None: the identity), and a log."""
+             smoothing: tuple[float, ...] = SMOOTHING, memory: int = 12, window_start: bool | None = None) -> tuple[np.ndarray, dict]:
+    """Multipliers t (G, layer.multipliers) for ``layer`` from the state X (None: the identity), and a
+    log. ``window_start``: see _initial (None: for searches of at least WINDOW_START_S)."""
     start = time.perf_counter()
     tl = _Torch(layer)
     Xi = None
     if X is not None:
         Lx = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(X)))
         Xi = torch.linalg.solve_triangular(Lx, torch.eye(len(X), dtype=torch.float64), upper=False)
-    s = _initial(tl, Xi, layer.groups, int(layer.Qz.shape[0]))
-    rho0 = best_rho(tl, torch.exp(s), Xi)
+    window_start = time_limit >= WINDOW_START_S if window_start is None else window_start
+    s = _initial(tl, Xi, layer.groups, int(layer.Qz.shape[0]), window_start)
+    rho0 = best_rho(tl, tl.to_t(s), Xi)
     history = [(0, time.perf_counter() - start, rho0)]
     evals = 0
     for mu_rel in smoothing:
-        mu = mu_rel * best_rho(tl, torch.exp(s), Xi)
+        mu = mu_rel * best_rho(tl, tl.to_t(s), Xi)
         hint: dict = {}
-        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu, hint), s, start, time_limit, iters, memory)
+        # the window constraints' smooth minimum over their vertices is as light as the eigenvalue's
+        # (lighter where the start of the stage would not be feasible with it: S = I - V^T D^-1 V
+        # can be nearly singular there)
+        tau = tl.window_tau(tl.to_t(s), mu_rel)
+        for _ in range(6):
+            if tau is None or _target(tl, tl.to_t(s), Xi, tau) is not None:
+                break
+            tau = tau * 0.1
+        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu, hint, tau), s, start, time_limit, iters, memory)
         evals += used
-        history.append((evals, time.perf_counter() - start, best_rho(tl, torch.exp(s), Xi)))
+        history.append((evals, time.perf_counter() - start, best_rho(tl, tl.to_t(s), Xi)))
         if time.perf_counter() - start > time_limit:
             break
-    info = {"initial_rho": rho0, "history": history, "evaluations": evals, "search_s": time.perf_counter() - start,
+    info = {"initial_rho": rho0, "window_start": window_start and tl.window_unit >= 0, "history": history, "evaluations": evals, "search_s": time.perf_counter() - start,
             "stopped_at_limit": time.perf_counter() - start > time_limit}
-    return torch.exp(s).numpy(), info
+    return tl.to_t(s).numpy(), info
 
 
 def _lbfgs(fun, x: torch.Tensor, start: float, time_limit: float, iters: int, memory: int = 12) -> tuple[torch.Tensor, int]:
@@ -515,30 +603,68 @@ def _scatter(n_in: int, r: int, cols: np.ndarray, blocks: np.ndarray) -> np.ndar
     return flat.reshape(m, m).numpy()
 
 
+def _proven_window_mu(tl: _Torch, w: torch.Tensor) -> torch.Tensor | None:
+    """mu (G,) for the window constraints with parameters w, proven valid for the exact
+    M = s^2 B B^T and m = s^2 theta of the float64 numbers s = sqrt_a, B, theta (``_Torch.window``):
+    see ``vertices_proven``; None when no such mu > 0 is found."""
+    sqrt_a, B, theta, mu_hat = tl.window(w)
+    if mu_hat is None:
+        return None
+    a = sqrt_a**2
+    for shrink in (0.0, 1e-4, 1e-2):
+        mu = a * mu_hat * (1.0 - shrink)
+        # an upper bound on the exact mu / s^2 (a = fl(s^2) and the quotient each round once)
+        if vertices_proven(B, theta, (mu / a) * (1.0 + 4 * EPS)):
+            return mu
+    return None
+
+
+def vertices_proven(B: torch.Tensor, theta: torch.Tensor, ratio: torch.Tensor) -> bool:
+    """True only if, for every window g and every i, B B^T + theta e_i^T + e_i theta^T - ratio e_i e_i^T
+    is PSD for the exact float64 numbers (a batched Cholesky with an allowance for the rounding
+    of its entries): the window constraint with mu = s^2 ratio is then valid at every vertex."""
+    G, k = theta.shape
+    eye = torch.eye(k, dtype=B.dtype)
+    Babs = B.abs()
+    row = theta[:, None, None, :] * eye[None, :, :, None]  # [g, i]: theta in row i
+    row_abs = theta.abs()[:, None, None, :] * eye[None, :, :, None]
+    corner = ratio[:, None, None, None] * (eye[:, :, None] * eye[:, None, :])[None]
+    N = (B @ B.transpose(1, 2))[:, None] + row + row.transpose(2, 3) - corner
+    N_abs = (Babs @ Babs.transpose(1, 2))[:, None] + row_abs + row_abs.transpose(2, 3) + corner.abs()
+    err = gamma(k + 4) * torch.linalg.matrix_norm(N_abs).reshape(-1)
+    return proven_psd_batch(N.reshape(G * k, k, k), err)
+
+
 def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = None) -> bool:
     """True only if Aug(rho, t) >= 0 holds exactly for the float64 data: then
     ||dy||^2 <= rho du^T X du for all input pairs (X = None: the identity)."""
-    if t.shape != (layer.groups, layer.multipliers) or not (np.all(np.isfinite(t)) and np.all(t >= 0) and rho > 0 and math.isfinite(rho)):
-        return False
     n_in, r, G = layer.n_in, layer.r, layer.groups
     n, k, c = layer.Qz.shape[0], layer.Qz.shape[1], layer.cols.shape[1]
+    if t.shape != (G, layer.multipliers) or not (np.all(np.isfinite(t)) and np.all(t[:, :n] >= 0) and rho > 0 and math.isfinite(rho)):
+        return False
     tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64))
     tl = _Torch(layer)
     with torch.no_grad():
-        D, C, a = (None if v is None else v.numpy() for v in tl.blocks(tt))
+        mu_w = None
+        if layer.window_unit >= 0:
+            mu_w = _proven_window_mu(tl, tt[:, n:])
+            if mu_w is None:
+                return False
+        D, C, BW = (None if v is None else v.numpy() for v in tl.blocks(tt, mu=mu_w))
         tu = t[:, :n]
         tb_abs = np.abs(tu * layer.beta)
         D_abs = 2 * np.abs(tu)[:, :, None] * np.eye(n) + tb_abs[:, :, None] * np.abs(layer.Qp)
         D_abs = D_abs + D_abs.transpose(0, 2, 1) - 2 * np.abs(tu)[:, :, None] * np.eye(n)  # diag counted once
         QW_abs = np.einsum("nk,gkc->gnc", np.abs(layer.Qz), np.abs(layer.Wz))
         C_abs = tb_abs[:, :, None] * QW_abs
-        if a is not None:  # the window constraints' entries
-            A_abs = np.abs(t[:, n:])
-            th, cv = np.abs(tl.theta.numpy()), np.abs(tl.cvals.numpy())
-            D_abs[:, layer.l2_unit, layer.l2_unit] += A_abs @ cv
-            C_abs[:, layer.l2_unit, :] += (A_abs @ th)[:, None] * np.abs(layer.Wz).sum(1)
+        if mu_w is not None:  # the window constraints' entries: mu, m^T W_g (m = a theta), and BW's
+            sqrt_a, B, theta, _ = (None if v is None else v.numpy() for v in tl.window(tt[:, n:]))
+            u = layer.window_unit
+            D_abs[:, u, u] += mu_w.numpy()
+            C_abs[:, u, :] += np.einsum("gk,gkc->gc", np.abs((sqrt_a**2)[:, None] * theta), np.abs(layer.Wz))
+            BW_abs = sqrt_a[:, None, None] * (np.abs(B).transpose(0, 2, 1) @ np.abs(layer.Wz))
         # |computed - exact| <= g_dc * |.| entrywise for D and C (a few products and sums each)
-        g_dc = gamma(2 * n + 2 * k + t.shape[1] + 8)
+        g_dc = gamma(2 * n + 2 * k + 8)
         D_abs *= 1 + g_dc
         C_abs *= 1 + g_dc
         # E_g: (c + r) x n, the off-diagonal block of Aug for group g: [-C_g^T; V_g^T]
@@ -561,10 +687,9 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
         blocks = YE + YE.transpose(0, 2, 1) - Y @ D @ Y.transpose(0, 2, 1)
         Ya = np.abs(Y)
         blocks_abs = 2 * Ya @ E_abs.transpose(0, 2, 1) + Ya @ D_abs @ Ya.transpose(0, 2, 1)
-        if a is not None:  # the l2 constraints' a_g W_g^T W_g, subtracted from the input block
-            blocks[:, :c, :c] += a[:, None, None] * (layer.Wz.transpose(0, 2, 1) @ layer.Wz)
-            Wa = np.abs(layer.Wz)
-            blocks_abs[:, :c, :c] += A_abs.sum(1)[:, None, None] * (Wa.transpose(0, 2, 1) @ Wa)
+        if BW is not None:  # the window constraints' W_g^T M W_g, subtracted from the input block
+            blocks[:, :c, :c] += BW.transpose(0, 2, 1) @ BW
+            blocks_abs[:, :c, :c] += BW_abs.transpose(0, 2, 1) @ BW_abs
         Delta = E - Y @ D
         Delta_err = gamma(n + 2) * (E_abs + Ya @ D_abs) + g_dc * (E_abs + Ya @ D_abs)
         dnorm = np.sqrt((Delta**2).sum((1, 2))) * (1 + 4 * EPS) + np.sqrt((Delta_err**2).sum((1, 2))) * (1 + 4 * EPS)
@@ -584,12 +709,13 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
     return proven_psd(R, err)
 
 
-def wide_bound(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT) -> tuple[float, dict] | None:
+def wide_bound(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT,
+               window_start: bool | None = None) -> tuple[float, dict] | None:
     """(rho, info) with ||dy||^2 <= rho du^T X du proven, or None when no multipliers are found or
-    the proof fails at every margin."""
+    the proof fails at every margin (``window_start``: see optimise)."""
     with single_threaded():
         try:
-            t, info = optimise(layer, X, time_limit)
+            t, info = optimise(layer, X, time_limit, window_start=window_start)
         except ValueError as exc:
             log.info("widesdp: %s", exc)
             return None
