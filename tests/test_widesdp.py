@@ -122,7 +122,7 @@ def _window_sdp(layer: WS.LocalLayer) -> float:
     cons = []
     for g in range(G):
         Z = np.zeros((k, N))
-        Z[:, layer.cols[g]] = layer.Wz[g]  # (padding columns repeat a real one with zero weights)
+        np.add.at(Z, (slice(None), layer.cols[g]), layer.Wz[g])  # padding repeats a real column, zero weights
         Pu = np.zeros((n, N))
         Pu[:, layer.n_in + g * n:layer.n_in + (g + 1) * n] = np.eye(n)
         Q = layer.Qz @ Z + layer.Qp @ Pu
@@ -141,7 +141,7 @@ def _window_sdp(layer: WS.LocalLayer) -> float:
 def test_window_constraints_reach_their_sdp_optimum_and_stay_above_every_selection():
     """Conv (1 -> 2 channels, 2x2) -> relu -> 2x2 max-pooling -> linear, as LocalLayer. From the
     window start the search reaches the optimum of the same relaxation solved by cvxpy (a proven
-    value can never be below it: 6.2488 against 6.2469), lower than from the units' start (6.298,
+    value can never be below it: 6.2474 against 6.2469), lower than from the units' start (6.297,
     which stays in its basin); and no value is below the largest selection (6.172)."""
     gen = np.random.default_rng(0)
     C, H, r = 2, 4, 3
@@ -152,17 +152,32 @@ def test_window_constraints_reach_their_sdp_optimum_and_stay_above_every_selecti
     Wl = gen.standard_normal((r, len(windows)))
     layer = WS.maxpool_layer(W, windows, Wl, 1.0)
     ref = _window_sdp(layer)
-    rho_w, _ = WS.wide_bound(layer, time_limit=10, window_start=True)
-    rho_u, _ = WS.wide_bound(layer, time_limit=10, window_start=False)
+    rho_w, _ = WS.wide_bound(layer, time_limit=5, window_start=True)
+    rho_u, _ = WS.wide_bound(layer, time_limit=5, window_start=False)
     selections = max(np.linalg.norm(sum((np.outer(Wl[:, g], W[windows[g, c]]) for g, c in enumerate(pick) if c < 4), np.zeros((r, W.shape[1]))), 2)
                      for pick in itertools.product(range(5), repeat=len(windows)))
     assert selections <= ref * (1 + 1e-6)
     assert ref * (1 - 1e-6) <= math.sqrt(rho_w) <= ref * 1.005
     assert ref * (1 - 1e-6) <= math.sqrt(rho_u) and rho_w < rho_u
     # the proof with the search's multipliers: below the relaxation's optimum is impossible
-    t, _ = WS.optimise(layer, time_limit=10, window_start=True)
+    t, _ = WS.optimise(layer, time_limit=5, window_start=True)
     rho_t = WS.best_rho(WS._Torch(layer), torch.from_numpy(t), None)
     assert WS.prove(layer, t, rho_t * (1 + 1e-5)) and not WS.prove(layer, t, ref**2 * (1 - 1e-3))
+
+
+def test_window_constraints_from_a_dense_state():
+    """Max-pooling from a dense state X: the same relaxation as on the whitened weights W X^-1/2
+    (the window constraints live on z = W du, unchanged by the congruence), so the proven rho
+    is at least cvxpy's optimum there and close to it."""
+    gen = np.random.default_rng(5)
+    W = np.kron(np.eye(2), gen.standard_normal((4, 3)))  # two windows of 4 entries, 3 inputs each
+    windows, Wl = np.arange(8).reshape(2, 4), gen.standard_normal((2, 2))
+    A = gen.standard_normal((6, 6))
+    X = A @ A.T + np.eye(6)
+    rho_x, _ = WS.wide_bound(WS.maxpool_layer(W, windows, Wl, 1.0), X, time_limit=10, window_start=True)
+    Li = np.linalg.inv(np.linalg.cholesky(X))
+    ref = _window_sdp(WS.maxpool_layer(W @ Li.T, windows, Wl, 1.0))
+    assert ref * (1 - 1e-6) <= math.sqrt(rho_x) <= ref * 1.005
 
 
 @pytest.mark.parametrize("kernel,stride,pad", [(2, 2, 0), (3, 2, 1), (2, 1, 0)])
