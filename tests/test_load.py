@@ -129,6 +129,21 @@ def test_float64_module_keeps_its_float64_activation_parameters(alpha):
     assert [n.params["alpha"] for n in functional.nodes if isinstance(n, lipcert.graph.Activation)] == [0.2]
 
 
+def test_float64_module_keeps_its_float64_batchnorm_epsilon():
+    # ONNX stores BatchNormalization's epsilon in float32: 1e-3 arrives as 1.0000000475e-3, and with
+    # a running variance near zero the scale 1 / sqrt(var + eps) was 2e-8 of itself too small (a
+    # bound below the module's) and the float64 cross-check refused the module
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3, eps=1e-3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        net[1].running_var.copy_(torch.tensor([1e-7, 2e-6, 1.0], dtype=torch.float64))
+    net.eval()
+    graph = lipcert.load(net, (1, 4))
+    x = torch.randn(5, 1, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(graph.forward(x)[:, 0], net(x[:, 0]), rtol=1e-13, atol=0)
+
+
 def test_torch_module_needs_input_shape():
     with pytest.raises(InputError, match="input_shape"):
         lipcert.load(torch.nn.Linear(2, 2))

@@ -25,14 +25,21 @@ log = logging.getLogger(__name__)
 class Context:
     """What converters see: constants, variable tensors (lipcert nodes), and the nodes so far."""
 
-    def __init__(self, opset: int) -> None:
+    def __init__(self, opset: int, exact_floats: dict[tuple[str, str], dict[float, float]] | None = None) -> None:
         self.opset = opset
+        # float attributes known more precisely than ONNX's float32 stores them (a float64 torch
+        # module's batch-norm epsilon): (op, attribute) -> {stored float32 value: exact value}
+        self.exact_floats = exact_floats or {}
         self.consts: dict[str, np.ndarray] = {}
         self.vars: dict[str, str] = {}  # ONNX tensor name -> lipcert node name
         self.shapes: dict[str, tuple[int, ...]] = {Graph.INPUT: ()}
         self.nodes: list[Node] = []
         self.consumed: set[str] = set()  # tensors that some node or the graph output reads
         self.current: onnx.NodeProto | None = None
+
+    def exact_float(self, op: str, attribute: str, stored: float) -> float:
+        """The exact value of a float attribute whose float32 rounding ONNX stored, where known."""
+        return self.exact_floats.get((op, attribute), {}).get(float(np.float32(stored)), float(stored))
 
     # --- inputs of the current node ---------------------------------------------------------
     def is_const(self, name: str) -> bool:
@@ -160,12 +167,14 @@ def _fold_constant(node: onnx.NodeProto, ctx: Context) -> None:
         ctx.consts[name] = np.asarray(value)
 
 
-def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None, source: str | None = None, sha256: str | None = None) -> Graph:
-    """Convert an ONNX model into a Graph, refusing every node that cannot be bounded at once."""
+def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None, source: str | None = None, sha256: str | None = None,
+                  exact_floats: dict[tuple[str, str], dict[float, float]] | None = None) -> Graph:
+    """Convert an ONNX model into a Graph, refusing every node that cannot be bounded at once.
+    ``exact_floats``: see ``Context.exact_floats`` (the torch loader's, for float64 modules)."""
     where = source or "model"
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     inp, shape = _fixed_input(model, input_shape, where)
-    ctx = Context(opset)
+    ctx = Context(opset, exact_floats)
     ctx.shapes[Graph.INPUT] = shape
     ctx.vars[inp.name] = Graph.INPUT
     ctx.consumed = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}

@@ -301,7 +301,7 @@ def batch_norm(ctx, node, attrs, name):
         raise Unsupported("training_mode=1: export the model in eval mode so batch-norm uses its running statistics")
     shape = ctx.shape(node.input[0])
     scale, bias, mean, var = (np.asarray(ctx.const(node.input[k], w), np.float64) for k, w in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")))
-    factor = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
+    factor = scale / np.sqrt(var + ctx.exact_float("BatchNormalization", "epsilon", attrs.get("epsilon", 1e-5)))
     bshape = (shape[1],) + (1,) * (len(shape) - 2)
     _add_affine(ctx, node, name, Scale(shape, factor.reshape(bshape)), (bias - mean * factor).reshape(bshape))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import warnings
 
 import numpy as np
@@ -93,7 +94,8 @@ def torch_to_graph(module: torch.nn.Module, input_shape: tuple[int, ...] | None)
         raise InputError("loading a torch module needs input_shape", type(module).__name__, "pass input_shape=(1, C, H, W) (the batch axis included)")
     shape = tuple(int(n) for n in input_shape)
     model = module_to_onnx(module, shape)
-    graph = onnx_to_graph(model, shape, source=f"torch module {type(module).__name__}")
+    exact = _float64_epsilons(module) if _dtype(module) == torch.float64 else None
+    graph = onnx_to_graph(model, shape, source=f"torch module {type(module).__name__}", exact_floats=exact)
     if _dtype(module) == torch.float64:
         restore_float64_attributes(graph, module)
     crosscheck_module(graph, frozen_copy(module))
@@ -101,6 +103,19 @@ def torch_to_graph(module: torch.nn.Module, input_shape: tuple[int, ...] | None)
 
 
 _FLOAT_ATTRIBUTE = {"leaky_relu": (torch.nn.LeakyReLU, "negative_slope"), "elu": (torch.nn.ELU, "alpha")}
+
+
+def _float64_epsilons(module: torch.nn.Module) -> dict[tuple[str, str], dict[float, float]]:
+    """The batch-norm epsilons of a float64 module by their float32 rounding (which is all ONNX
+    keeps: eps = 1e-3 arrives as 1.0000000475e-3, and with a running variance near zero the scale
+    1 / sqrt(var + eps) is then off by 2e-8 of itself, which the float64 cross-check refuses).
+    Where two epsilons share a rounding, the smaller: the larger scale, a bound that stays an upper one."""
+    out: dict[float, float] = {}
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            key = float(np.float32(m.eps))
+            out[key] = min(out.get(key, math.inf), float(m.eps))
+    return {("BatchNormalization", "epsilon"): out}
 
 
 def restore_float64_attributes(graph: Graph, module: torch.nn.Module) -> None:
