@@ -314,3 +314,14 @@ def test_a_budget_deadline_limits_the_search_and_the_bound_stays_proven():
     info = r.details["wide_sdp"][0]
     assert info["stopped_at_limit"] and info["search_s"] < 3.0
     assert r.certified and r.value < r.details["naive_value"] and r.value >= _jacobian_lower(graph, 100)
+
+
+def test_the_search_reports_the_time_it_may_still_take():
+    """``report`` (the walk's progress bar on a terminal) gets the search's limit less the time
+    spent: never more than the limit, never increasing, and at least after every stage."""
+    gen = np.random.default_rng(1)
+    layer = WS.maxpool_layer(np.kron(np.eye(2), gen.standard_normal((4, 3))), np.arange(8).reshape(2, 4), gen.standard_normal((2, 2)), 1.0)
+    left: list[float] = []
+    _, info = WS.optimise(layer, time_limit=3, report=left.append)
+    assert len(left) >= len(info["history"]) - 1
+    assert all(0 <= a <= 3 for a in left) and all(b <= a for a, b in zip(left, left[1:]))

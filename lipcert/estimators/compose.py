@@ -510,9 +510,17 @@ class _Walker:
         # seconds for the per-neuron multiplier search of a wide layer (widesdp); None: not tried
         self.wide_sdp_time = wide_sdp_time
         self.wide_sdp_info: list[dict] = []
+        # the walk's progress bar and the step it is at (a step that searches for minutes redraws it)
+        self.bar = None
+        self.at = 0
 
     def dim(self, name: str) -> int:
         return int(np.prod(self.g.shape_of(name)))
+
+    def searching(self, seconds_left: float) -> None:
+        """A step's search has at most ``seconds_left`` to go: the bar says so (a terminal only)."""
+        if self.bar is not None:
+            self.bar.update(self.at, eta=seconds_left)
 
     def record(self, name: str, rule: str, state: State) -> State:
         self.states[name] = state
@@ -750,9 +758,12 @@ class _Walker:
         todo = [n for n in self.g.nodes if n.name not in inside and not self.skipped(n)]
         # a bar on a terminal only: a ResNet-50's walk takes minutes (its Fourier-domain steps)
         with progress.bar(label, len(todo)) as bar:
+            self.bar = bar
             for i, n in enumerate(todo):
+                self.at = i
                 self.visit(n)
                 bar.update(i + 1)
+            self.bar = None
         return _bound_of(self.states[self.g.output])
 
 

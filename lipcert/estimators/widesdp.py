@@ -411,20 +411,23 @@ class _SmoothTop(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float, hint: dict, tau: torch.Tensor | None = None) -> torch.Tensor | None:
+def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float, hint: dict, tau: torch.Tensor | None = None,
+                tick=None) -> torch.Tensor | None:
+    if tick is not None:
+        tick()
     M = _target(tl, tl.to_t(s), Xi, tau)
     if M is None or not bool(torch.isfinite(M).all()):
         return None
     return _SmoothTop.apply(M, mu, hint)
 
 
-def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: bool = True) -> torch.Tensor:
+def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: bool = True, tick=None) -> torch.Tensor:
     """Search variables (G, multipliers) of the best one-parameter family on a grid: the units'
     (see _initial_units), then the window constraints as M = a I, m = a theta 1 (a = f x the
     multiplier of the window's unit, theta 0 or 1 / (k - 1)). ``window_start``: the units'
     multipliers scaled by 1e-6 first, so that the window constraints carry the bound (see
     WINDOW_START_S)."""
-    s = _initial_units(tl, Xi, G, n)
+    s = _initial_units(tl, Xi, G, n, tick)
     if tl.window_unit < 0:
         return s
     k = tl.k
@@ -436,13 +439,15 @@ def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: 
         rest[:, -k:] = theta
         for f in factors:
             cand = torch.cat([units, last + math.log(f), rest], 1)
+            if tick is not None:
+                tick()
             rho = best_rho(tl, tl.to_t(cand), Xi)
             if rho < best[0]:
                 best = (rho, cand)
     return best[1].clone()
 
 
-def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch.Tensor:
+def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, tick=None) -> torch.Tensor:
     """Log-multipliers of the best one-parameter family t_u = tau * ratio^level(u) on a grid."""
     # a unit's level: how many units of its group it reads through Qp (depth in the tournament)
     depth = np.zeros(n)
@@ -461,6 +466,8 @@ def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int) -> torch
             for f in factors:
                 cand = base.clone()
                 cand[:, :n] += math.log(f)
+                if tick is not None:
+                    tick()
                 rho = best_rho(tl, tl.to_t(cand), Xi)
                 if rho < best[0]:
                     best = (rho, cand)
@@ -494,17 +501,28 @@ WINDOW_START_S = 150.0
 
 
 def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT, iters: int = ITERATIONS,
-             smoothing: tuple[float, ...] = SMOOTHING, memory: int = 12, window_start: bool | None = None) -> tuple[np.ndarray, dict]:
+             smoothing: tuple[float, ...] = SMOOTHING, memory: int = 12, window_start: bool | None = None,
+             report=None) -> tuple[np.ndarray, dict]:
     """Multipliers t (G, layer.multipliers) for ``layer`` from the state X (None: the identity), and a
-    log. ``window_start``: see _initial (None: for searches of at least WINDOW_START_S)."""
+    log. ``window_start``: see _initial (None: for searches of at least WINDOW_START_S).
+    ``report(seconds_left)``: called every 2 s at most and after each stage with the time the search
+    may still take (its limit less the time spent)."""
     start = time.perf_counter()
     tl = _Torch(layer)
     Xi = None
     if X is not None:
         Lx = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(X)))
         Xi = torch.linalg.solve_triangular(Lx, torch.eye(len(X), dtype=torch.float64), upper=False)
+    last_report = [start]
+
+    def tick() -> None:  # the time left, every 2 s at most
+        now = time.perf_counter()
+        if report is not None and now - last_report[0] >= 2.0:
+            last_report[0] = now
+            report(max(time_limit - (now - start), 0.0))
+
     window_start = time_limit >= WINDOW_START_S if window_start is None else window_start
-    s = _initial(tl, Xi, layer.groups, int(layer.Qz.shape[0]), window_start)
+    s = _initial(tl, Xi, layer.groups, int(layer.Qz.shape[0]), window_start, tick)
     rho0 = best_rho(tl, tl.to_t(s), Xi)
     history = [(0, time.perf_counter() - start, rho0)]
     evals = 0
@@ -526,9 +544,11 @@ def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float =
             if tau is None or _target(tl, tl.to_t(s), Xi, tau) is not None:
                 break
             tau = tau * 0.1
-        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu, hint, tau), s, start, time_limit, iters, memory)
+        s, used = _lbfgs(lambda v: _smooth_max(tl, v, Xi, mu, hint, tau, tick), s, start, time_limit, iters, memory)
         evals += used
         history.append((evals, time.perf_counter() - start, best_rho(tl, tl.to_t(s), Xi)))
+        if report is not None:
+            report(max(time_limit - (time.perf_counter() - start), 0.0))
         if time.perf_counter() - start > time_limit:
             break
         if i == len(stages) and history[-1][2] < history[-2][2] * (1 - 1e-5):
@@ -721,12 +741,12 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
 
 
 def wide_bound(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float = TIME_LIMIT,
-               window_start: bool | None = None) -> tuple[float, dict] | None:
+               window_start: bool | None = None, report=None) -> tuple[float, dict] | None:
     """(rho, info) with ||dy||^2 <= rho du^T X du proven, or None when no multipliers are found or
-    the proof fails at every margin (``window_start``: see optimise)."""
+    the proof fails at every margin (``window_start``, ``report``: see optimise)."""
     with single_threaded():
         try:
-            t, info = optimise(layer, X, time_limit, window_start=window_start)
+            t, info = optimise(layer, X, time_limit, window_start=window_start, report=report)
         except ValueError as exc:
             log.info("widesdp: %s", exc)
             return None
@@ -786,7 +806,8 @@ def wide_step(walker, node: Affine, time_limit: float) -> float | None:
     X = state if _is_dense(state) else None
     if X is None and not float(state) > 0:
         return None
-    res = wide_bound(layer, X, time_limit)
+    walker.searching(time_limit)
+    res = wide_bound(layer, X, time_limit, report=walker.searching)
     if res is None:
         return None
     rho, info = res
