@@ -27,9 +27,9 @@ class Context:
 
     def __init__(self, opset: int, exact_floats: dict[tuple[str, str], dict[float, float]] | None = None) -> None:
         self.opset = opset
-        # float attributes known more precisely than ONNX's float32 stores them (a float64 torch
-        # module's batch-norm epsilon): (op, attribute) -> {stored float32 value: exact value}
-        self.exact_floats = exact_floats or {}
+        # a float64 source's float attributes, which ONNX stores in float32: (op, attribute) ->
+        # {float32 rounding: exact value}; None for an ONNX file (its float32 values are the model)
+        self.exact_floats = exact_floats
         self.consts: dict[str, np.ndarray] = {}
         self.vars: dict[str, str] = {}  # ONNX tensor name -> lipcert node name
         self.shapes: dict[str, tuple[int, ...]] = {Graph.INPUT: ()}
@@ -38,8 +38,14 @@ class Context:
         self.current: onnx.NodeProto | None = None
 
     def exact_float(self, op: str, attribute: str, stored: float) -> float:
-        """The exact value of a float attribute whose float32 rounding ONNX stored, where known."""
-        return self.exact_floats.get((op, attribute), {}).get(float(np.float32(stored)), float(stored))
+        """A float attribute as the model has it. From a float64 source, ONNX's float32 value
+        (LeakyReLU(1/3) arrives as 0.3333333432674408: another function, by 3e-8 of x) becomes the
+        source's value with that rounding, or where none is known (F.leaky_relu(x, 0.1)) the shortest
+        decimal with it, which is what a literal in the source was."""
+        if self.exact_floats is None:
+            return float(stored)
+        rounded = np.float32(stored)
+        return self.exact_floats.get((op, attribute), {}).get(float(rounded), float(str(rounded)))
 
     # --- inputs of the current node ---------------------------------------------------------
     def is_const(self, name: str) -> bool:

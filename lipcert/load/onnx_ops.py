@@ -415,7 +415,7 @@ def relu(ctx, node, attrs, name):
 
 @converter("LeakyRelu")
 def leaky_relu(ctx, node, attrs, name):
-    _activation(ctx, node, name, "leaky_relu", alpha=float(attrs.get("alpha", 0.01)))
+    _activation(ctx, node, name, "leaky_relu", alpha=ctx.exact_float("LeakyRelu", "alpha", attrs.get("alpha", 0.01)))
 
 
 @converter("PRelu")
@@ -437,7 +437,7 @@ def tanh(ctx, node, attrs, name):
 
 @converter("Elu")
 def elu(ctx, node, attrs, name):
-    _activation(ctx, node, name, "elu", alpha=float(attrs.get("alpha", 1.0)))
+    _activation(ctx, node, name, "elu", alpha=ctx.exact_float("Elu", "alpha", attrs.get("alpha", 1.0)))
 
 
 @converter("Softplus")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import warnings
 
 import numpy as np
@@ -94,49 +93,33 @@ def torch_to_graph(module: torch.nn.Module, input_shape: tuple[int, ...] | None)
         raise InputError("loading a torch module needs input_shape", type(module).__name__, "pass input_shape=(1, C, H, W) (the batch axis included)")
     shape = tuple(int(n) for n in input_shape)
     model = module_to_onnx(module, shape)
-    exact = _float64_epsilons(module) if _dtype(module) == torch.float64 else None
+    # ONNX keeps float attributes in float32; a float64 module's own values reach the converters
+    exact = _float64_attributes(module) if _dtype(module) == torch.float64 else None
     graph = onnx_to_graph(model, shape, source=f"torch module {type(module).__name__}", exact_floats=exact)
-    if _dtype(module) == torch.float64:
-        restore_float64_attributes(graph, module)
     crosscheck_module(graph, frozen_copy(module))
     return graph
 
 
-_FLOAT_ATTRIBUTE = {"leaky_relu": (torch.nn.LeakyReLU, "negative_slope"), "elu": (torch.nn.ELU, "alpha")}
+# the ONNX float attributes a torch layer holds in float64: (op, attribute) -> (layer type, its name there)
+_FLOAT_ATTRIBUTES = {
+    ("LeakyRelu", "alpha"): (torch.nn.LeakyReLU, "negative_slope"),
+    ("Elu", "alpha"): (torch.nn.ELU, "alpha"),
+    ("BatchNormalization", "epsilon"): (torch.nn.modules.batchnorm._BatchNorm, "eps"),
+}
 
 
-def _float64_epsilons(module: torch.nn.Module) -> dict[tuple[str, str], dict[float, float]]:
-    """The batch-norm epsilons of a float64 module by their float32 rounding (which is all ONNX
-    keeps: eps = 1e-3 arrives as 1.0000000475e-3, and with a running variance near zero the scale
-    1 / sqrt(var + eps) is then off by 2e-8 of itself, which the float64 cross-check refuses).
-    Where two epsilons share a rounding, the smaller: the larger scale, a bound that stays an upper one."""
-    out: dict[float, float] = {}
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            key = float(np.float32(m.eps))
-            out[key] = min(out.get(key, math.inf), float(m.eps))
-    return {("BatchNormalization", "epsilon"): out}
-
-
-def restore_float64_attributes(graph: Graph, module: torch.nn.Module) -> None:
-    """Give the activations of a float64 module their float64 parameters back.
-
-    ONNX stores a float attribute (LeakyRelu's and Elu's alpha) in float32, so a float64 module's
-    LeakyReLU(1/3) arrives as 0.3333333432674408: a different function, by 3e-8 of x, than the one
-    the module computes (and bounded with a slope interval that misses the module's slope). Each such
-    value is replaced by the module's own value of the layer type whose float32 rounding it is; where
-    none is (the functional form, F.leaky_relu(x, 0.1)), by the shortest decimal with that float32
-    rounding, which is what a literal in the source was. The cross-check at float64 precision that
-    follows confirms the choice or refuses the module.
-    """
-    for node in graph.nodes:
-        if getattr(node, "kind", None) not in _FLOAT_ATTRIBUTE or "alpha" not in node.params:
-            continue
-        layer, attribute = _FLOAT_ATTRIBUTE[node.kind]
-        stored = np.float32(node.params["alpha"])
-        exact = {float(getattr(m, attribute)) for m in module.modules() if isinstance(m, layer)}
-        exact = {v for v in exact if np.float32(v) == stored}
-        node.params["alpha"] = exact.pop() if len(exact) == 1 else float(str(stored))
+def _float64_attributes(module: torch.nn.Module) -> dict[tuple[str, str], dict[float, float]]:
+    """A float64 module's float attributes by their float32 rounding, which is all ONNX keeps
+    (Context.exact_float). Without them a LeakyReLU(1/3) is bounded with a slope interval that
+    misses the module's slope, and batch-norm's eps = 1e-3 with a running variance near zero gives
+    a scale 2e-8 of itself too small; the float64 cross-check refuses both. Two values with one
+    rounding are left out (the shortest decimal is tried; the cross-check confirms or refuses)."""
+    out: dict[tuple[str, str], dict[float, float]] = {}
+    for key, (layer, attribute) in _FLOAT_ATTRIBUTES.items():
+        values = {float(getattr(m, attribute)) for m in module.modules() if isinstance(m, layer)}
+        rounded = [float(np.float32(v)) for v in values]
+        out[key] = {r: v for r, v in zip(rounded, values) if rounded.count(r) == 1}
+    return out
 
 
 def crosscheck_module(graph: Graph, module: torch.nn.Module, samples: int = 4, seed: int = 0) -> None:
