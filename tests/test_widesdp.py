@@ -77,8 +77,9 @@ def test_window_constraints_are_valid_and_tight(k):
     w[0] = 0.0
     w[0, -k:] = 1.0 / (k - 1)  # the sign-aware scalar constraint
     w = torch.from_numpy(w)
-    mu = WS._proven_window_mu(tl, w)
-    assert mu is not None
+    proven = WS._proven_window_mu(tl, w)
+    assert proven is not None
+    mu = proven[3]
     th = 1.0 / (k - 1)
     assert float(mu[0]) == pytest.approx(1 + 2 * th - (k - 1) * th**2, rel=1e-5)
     sqrt_a, B, theta, _ = (v.numpy() for v in tl.window(w))

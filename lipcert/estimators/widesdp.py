@@ -256,9 +256,6 @@ class _Torch:
         """Multipliers t from the search's variables: log t for the units, the window's as they are."""
         return torch.cat([torch.exp(s[:, : self.n]), s[:, self.n:]], 1)
 
-    def to_s(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.log(t[:, : self.n]), t[:, self.n:]], 1)
-
     def window(self, w: torch.Tensor, tau: torch.Tensor | None = None):
         """(sqrt_a, B, theta, mu_hat) of the window constraints from their parameters w (G, window_params(k)):
         [log a, e (k), the strictly lower part of B (k(k-1)/2), theta (k)]. The constraint is
@@ -513,12 +510,13 @@ def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float =
     if X is not None:
         Lx = torch.linalg.cholesky(torch.from_numpy(np.ascontiguousarray(X)))
         Xi = torch.linalg.solve_triangular(Lx, torch.eye(len(X), dtype=torch.float64), upper=False)
-    last_report = [start]
+    last_report = start
 
     def tick() -> None:  # the time left, every 2 s at most
+        nonlocal last_report
         now = time.perf_counter()
-        if report is not None and now - last_report[0] >= 2.0:
-            last_report[0] = now
+        if report is not None and now - last_report >= 2.0:
+            last_report = now
             report(max(time_limit - (now - start), 0.0))
 
     window_start = time_limit >= WINDOW_START_S if window_start is None else window_start
@@ -634,10 +632,10 @@ def _scatter(n_in: int, r: int, cols: np.ndarray, blocks: np.ndarray) -> np.ndar
     return flat.reshape(m, m).numpy()
 
 
-def _proven_window_mu(tl: _Torch, w: torch.Tensor) -> torch.Tensor | None:
-    """mu (G,) for the window constraints with parameters w, proven valid for the exact
-    M = s^2 B B^T and m = s^2 theta of the float64 numbers s = sqrt_a, B, theta (``_Torch.window``):
-    see ``vertices_proven``; None when no such mu > 0 is found."""
+def _proven_window_mu(tl: _Torch, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(sqrt_a, B, theta, mu) for the window constraints with parameters w (``_Torch.window``), mu
+    (G,) proven valid for the exact M = s^2 B B^T and m = s^2 theta of the float64 numbers
+    s = sqrt_a, B, theta: see ``vertices_proven``; None when no such mu > 0 is found."""
     sqrt_a, B, theta, mu_hat = tl.window(w)
     if mu_hat is None:
         return None
@@ -646,7 +644,7 @@ def _proven_window_mu(tl: _Torch, w: torch.Tensor) -> torch.Tensor | None:
         mu = a * mu_hat * (1.0 - shrink)
         # an upper bound on the exact mu / s^2 (a = fl(s^2) and the quotient each round once)
         if vertices_proven(B, theta, (mu / a) * (1.0 + 4 * EPS)):
-            return mu
+            return sqrt_a, B, theta, mu
     return None
 
 
@@ -676,11 +674,12 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
     tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64))
     tl = _Torch(layer)
     with torch.no_grad():
-        mu_w = None
+        window, mu_w = None, None
         if layer.window_unit >= 0:
-            mu_w = _proven_window_mu(tl, tt[:, n:])
-            if mu_w is None:
+            window = _proven_window_mu(tl, tt[:, n:])
+            if window is None:
                 return False
+            mu_w = window[3]
         D, C, BW = (None if v is None else v.numpy() for v in tl.blocks(tt, mu=mu_w))
         tu = t[:, :n]
         tb_abs = np.abs(tu * layer.beta)
@@ -688,8 +687,8 @@ def prove(layer: LocalLayer, t: np.ndarray, rho: float, X: np.ndarray | None = N
         D_abs = D_abs + D_abs.transpose(0, 2, 1) - 2 * np.abs(tu)[:, :, None] * np.eye(n)  # diag counted once
         QW_abs = np.einsum("nk,gkc->gnc", np.abs(layer.Qz), np.abs(layer.Wz))
         C_abs = tb_abs[:, :, None] * QW_abs
-        if mu_w is not None:  # the window constraints' entries: mu, m^T W_g (m = a theta), and BW's
-            sqrt_a, B, theta, _ = (None if v is None else v.numpy() for v in tl.window(tt[:, n:]))
+        if window is not None:  # the window constraints' entries: mu, m^T W_g (m = a theta), and BW's
+            sqrt_a, B, theta, _ = (v.numpy() for v in window)
             u = layer.window_unit
             D_abs[:, u, u] += mu_w.numpy()
             C_abs[:, u, :] += np.einsum("gk,gkc->gc", np.abs((sqrt_a**2)[:, None] * theta), np.abs(layer.Wz))
