@@ -25,7 +25,7 @@ METHODS: dict[str, str] = {
     'compose': '[upper] compositional layer-by-layer matrix inequalities (ECLipsE-Fast style, residual blocks as blocks, convolution blocks and conv-relu-conv pairs in the Fourier domain, a short multiplier search after max-pooling); proven l2 bound, seconds to a few minutes',
     'sdp': '[upper] LipSDP (neuron or layer multipliers), solver multipliers re-verified in float64; proven l2 bound',
     'sdp-wide': '[upper] the compositional walk, with LipSDP-Neuron over each wide layer (activations, max-pooling) before a narrow linear map, posed in the small dimension; proven l2 bound, minutes',
-    'gram': '[upper] per-layer Gram-iteration bounds (l2; convolutions through their spectrum), composed like naive; proven',
+    'gram': "[upper] per-layer Gram-iteration bounds (l2; convolutions on small grids exact by a Cholesky proof, where naive's are looser), composed like naive; proven",
     'power': '[estimate] product of per-layer power-iteration norms (l2); converges from below: an estimate, not a bound',
     'lower': '[lower] adversarial Jacobian search (screening, smoothed ascent with power steps on J J^T, real-network proposals); witnessed lower bound',
 }

@@ -7,6 +7,8 @@ embedding bound is exact for circular convolutions.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -263,3 +265,96 @@ def test_dense_matrix_from_the_kernel_equals_the_probed_one(ci, co, n, k, s, d, 
     value, exact_flag = convnorm.grouped_dense_norm(conv)
     ref = exact(conv)
     assert exact_flag and ref <= value * SAFE and value <= ref * (1 + 1e-9)
+
+
+# --- the tight route (method gram): exact norms on small grids ---------------------------------
+# (c_in, c_out, n, k, stride, dilation, groups, pad): small grids, where the circular embedding is
+# loose; the stride-2 layers use their output side, the grouped one a Gram matrix per group
+TIGHT = [(8, 12, 4, 3, 1, 1, 1, 1), (12, 8, 6, 3, 2, 1, 1, 1), (6, 6, 5, 3, 1, 2, 1, 2), (8, 8, 4, 3, 1, 1, 2, 1),
+         (4, 6, 5, 4, 1, 1, 1, 1)]
+
+
+def _tight_case(ci, co, n, k, s, d, g, p):
+    rng = np.random.default_rng(ci * 31 + n * 7 + k)
+    return Conv((1, ci, n, n), rng.normal(size=(co, ci // g, k, k)), (s, s), (p, p, p, p), (d, d), g)
+
+
+@pytest.mark.parametrize("case", TIGHT)
+def test_side_gram_equals_the_dense_gram_within_its_error_bound(case):
+    conv = _tight_case(*case)
+    gram, err = convnorm.side_gram(conv)
+    dense = conv._dense  # (out, in), groups included
+    g = conv.groups
+    a = torch.from_numpy(dense)
+    full = a.T @ a if conv.in_dim <= conv.out_dim else a @ a.T
+    # the same matrix up to the order of the coordinates: position-major, channels inside, per group
+    side = "in" if conv.in_dim <= conv.out_dim else "out"
+    shape = conv.in_shape if side == "in" else conv.out_shape
+    c, m = shape[1], math.prod(shape[2:])
+    order = torch.arange(c * m).reshape(c, m).T  # channel-major index of (position, channel)
+    per = c // g
+    for k in range(g):
+        idx = order[:, k * per : (k + 1) * per].reshape(-1)
+        ref = full[idx][:, idx]
+        assert float(torch.linalg.norm(gram[k] - ref)) <= max(err, 1e-300)
+    assert err > 0
+
+
+@pytest.mark.parametrize("case", TIGHT)
+def test_tight_route_is_exact_and_never_below_the_dense_norm(case):
+    conv = _tight_case(*case)
+    ref = exact(conv)
+    circ = convnorm.circular_embedding_bound(conv)[0]
+    assert circ > ref * 1.01  # the circular embedding is loose on these grids
+    out = convnorm.tight_conv_norm(conv, circ)
+    assert out is not None
+    value, is_exact, how = out
+    assert is_exact and "Cholesky" in how
+    assert ref <= value * SAFE <= ref * (1 + 1e-5)
+
+
+def test_cholesky_proof_refuses_below_the_top_eigenvalue():
+    rng = np.random.default_rng(5)
+    a = torch.from_numpy(rng.normal(size=(300, 200)))
+    gram = a.T @ a
+    top = float(torch.linalg.eigvalsh(gram)[-1])
+    assert convnorm.proven_top(gram.clone(), top * (1 + 1e-7))
+    assert not convnorm.proven_top(gram.clone(), top * (1 - 1e-7))
+    # the rounding allowance: a claimed error larger than the gap refuses the proof
+    assert not convnorm.proven_top(gram.clone(), top * (1 + 1e-7), err_fro=top * 1e-6)
+
+
+def test_tight_route_keeps_the_circular_bound_when_lanczos_misses_the_top(monkeypatch):
+    """A Ritz value well below the top (a bad estimate) fails both proofs: the route gives up and
+    the layer keeps its circular bound; never a value below the norm."""
+    conv = _tight_case(*TIGHT[0])
+    ref = exact(conv)
+    monkeypatch.setattr(convnorm, "_lanczos_top", lambda g: (ref**2 * 0.9, 0.0))
+    assert convnorm.tight_conv_norm(conv, convnorm.circular_embedding_bound(conv)[0]) is None
+
+
+def test_gram_method_is_exact_on_small_grids_where_naive_is_loose(monkeypatch):
+    """Through the estimators: with the dense route off (as for a layer too large for it), naive
+    reports the circular bound and gram the exact norm of each convolution (within 1e-5), so
+    gram's product is lower; both stay above the exact per-layer norms."""
+    monkeypatch.setattr(convnorm, "DENSE_ENTRIES", 0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 10)).double()
+    import lipcert
+
+    naive = lipcert.bound(net, method="naive", input_shape=(1, 8, 4, 4))
+    gram = lipcert.bound(net, method="gram", input_shape=(1, 8, 4, 4))
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    refs = []
+    for m, shape in zip(convs, [(1, 8, 4, 4), (1, 16, 4, 4)]):
+        conv = Conv(shape, m.weight.detach().numpy(), m.stride, (1, 1, 1, 1), (1, 1))
+        refs.append(exact(conv))
+    naive_convs = [lay for lay in naive.layers if lay.op == "Conv"]
+    gram_convs = [lay for lay in gram.layers if lay.op == "Conv"]
+    assert len(naive_convs) == len(gram_convs) == 2
+    for ref, a, b in zip(refs, naive_convs, gram_convs):
+        assert ref <= b.value <= a.value
+        assert b.exact and b.value <= ref * (1 + 1e-5), b.how
+        assert a.value > ref * 1.01
+    assert gram.certified and gram.value < naive.value

@@ -365,6 +365,16 @@ class Conv(LinearOp):
             self._l2 = conv_l2(self)
         return self._l2
 
+    def l2_tight(self) -> tuple[float, bool, str]:
+        """l2() with the exact norm of layers on small grids where the circular embedding is
+        looser (convnorm.tight_conv_norm; method gram): slower, at least as tight."""
+        if "_l2_tight" not in self.__dict__:
+            from .convnorm import conv_l2
+
+            base = self.l2()
+            self._l2_tight = base if base[1] else conv_l2(self, tight=True)
+        return self._l2_tight
+
     def norm_bound(self, p: str) -> tuple[float, bool, str]:
         if p == "2":
             return self.l2()
