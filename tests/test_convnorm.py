@@ -271,7 +271,7 @@ def test_dense_matrix_from_the_kernel_equals_the_probed_one(ci, co, n, k, s, d, 
 # (c_in, c_out, n, k, stride, dilation, groups, pad): small grids, where the circular embedding is
 # loose; the stride-2 layers use their output side, the grouped one a Gram matrix per group
 TIGHT = [(8, 12, 4, 3, 1, 1, 1, 1), (12, 8, 6, 3, 2, 1, 1, 1), (6, 6, 5, 3, 1, 2, 1, 2), (8, 8, 4, 3, 1, 1, 2, 1),
-         (4, 6, 5, 4, 1, 1, 1, 1)]
+         (4, 6, 5, 4, 1, 1, 1, 1), (4, 4, 8, 3, 1, 1, 1, 1)]
 
 
 def _tight_case(ci, co, n, k, s, d, g, p):
@@ -282,7 +282,8 @@ def _tight_case(ci, co, n, k, s, d, g, p):
 @pytest.mark.parametrize("case", TIGHT)
 def test_side_gram_equals_the_dense_gram_within_its_error_bound(case):
     conv = _tight_case(*case)
-    gram, err = convnorm.side_gram(conv)
+    side_gram = convnorm.SideGram(conv)
+    gram, err = side_gram.dense(), side_gram.err_fro
     dense = conv._dense  # (out, in), groups included
     g = conv.groups
     a = torch.from_numpy(dense)
@@ -313,15 +314,24 @@ def test_tight_route_is_exact_and_never_below_the_dense_norm(case):
     assert ref <= value * SAFE <= ref * (1 + 1e-5)
 
 
-def test_cholesky_proof_refuses_below_the_top_eigenvalue():
+@pytest.mark.parametrize("sizes", [[200], [60, 80, 60]])
+def test_cholesky_proof_refuses_below_the_top_eigenvalue(sizes):
+    """The proof, whole or over bands of a block-tridiagonal matrix: accepts just above the
+    largest eigenvalue, refuses just below it, and refuses when the claimed rounding error of the
+    matrix exceeds the gap."""
     rng = np.random.default_rng(5)
-    a = torch.from_numpy(rng.normal(size=(300, 200)))
-    gram = a.T @ a
-    top = float(torch.linalg.eigvalsh(gram)[-1])
-    assert convnorm.proven_top(gram.clone(), top * (1 + 1e-7))
-    assert not convnorm.proven_top(gram.clone(), top * (1 - 1e-7))
-    # the rounding allowance: a claimed error larger than the gap refuses the proof
-    assert not convnorm.proven_top(gram.clone(), top * (1 + 1e-7), err_fro=top * 1e-6)
+    n = sum(sizes)
+    edges = np.cumsum([0] + sizes)
+    band = np.zeros((n, n), dtype=bool)
+    for r in range(len(sizes)):
+        band[edges[r] : edges[r + 1], edges[max(r - 1, 0)] : edges[min(r + 2, len(sizes))]] = True
+    a = rng.normal(size=(n + 50, n))
+    gram = torch.from_numpy(np.where(band, a.T @ a, 0.0) + n * np.eye(n) * 0.5)[None]
+    top = float(torch.linalg.eigvalsh(gram[0])[-1])
+    block = lambda r, s: gram[:, edges[r] : edges[r + 1], edges[s] : edges[s + 1]].clone()  # noqa: E731
+    assert convnorm.proven_top(block, sizes, top * (1 + 1e-7))
+    assert not convnorm.proven_top(block, sizes, top * (1 - 1e-7))
+    assert not convnorm.proven_top(block, sizes, top * (1 + 1e-7), err_fro=top * 1e-6)
 
 
 def test_tight_route_keeps_the_circular_bound_when_lanczos_misses_the_top(monkeypatch):
@@ -329,7 +339,7 @@ def test_tight_route_keeps_the_circular_bound_when_lanczos_misses_the_top(monkey
     the layer keeps its circular bound; never a value below the norm."""
     conv = _tight_case(*TIGHT[0])
     ref = exact(conv)
-    monkeypatch.setattr(convnorm, "_lanczos_top", lambda g: (ref**2 * 0.9, 0.0))
+    monkeypatch.setattr(convnorm, "_lanczos_top", lambda matvec, n: (ref**2 * 0.9, 0.0))
     assert convnorm.tight_conv_norm(conv, convnorm.circular_embedding_bound(conv)[0]) is None
 
 
