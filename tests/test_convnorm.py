@@ -368,3 +368,28 @@ def test_gram_method_is_exact_on_small_grids_where_naive_is_loose(monkeypatch):
         assert b.exact and b.value <= ref * (1 + 1e-5), b.how
         assert a.value > ref * 1.01
     assert gram.certified and gram.value < naive.value
+
+
+def test_gram_at_a_passed_deadline_keeps_the_circular_bounds_and_says_so(monkeypatch):
+    """gram stops early like LipSDP: with its deadline passed (a budget spent), no exact route is
+    started; the layers keep naive's proven bounds, the result says how many, and the budget
+    records the cut. A later run without a deadline is not served the cut values."""
+    import time as _time
+
+    import lipcert
+    from lipcert.estimators import _was_cut
+
+    monkeypatch.setattr(convnorm, "DENSE_ENTRIES", 0)
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(256, 10)).double()
+    graph = lipcert.load(net, (1, 8, 4, 4))
+    naive = lipcert.bound(graph, method="naive")
+    cut = lipcert.bound(graph, method="gram", extra={"deadline": _time.perf_counter()})
+    conv_layers = [[lay.value for lay in r.layers if lay.op == "Conv"] for r in (naive, cut)]
+    assert conv_layers[0] == conv_layers[1] and len(conv_layers[0]) == 1
+    assert cut.value == pytest.approx(naive.value, rel=1e-8)  # the dense layer: Gram iteration against an SVD
+    assert cut.details["exact_route_cut"] == 1 and _was_cut(cut)
+    assert any(convnorm.CUT_NOTE in w for w in cut.warnings)
+    full = lipcert.bound(graph, method="gram")
+    assert full.details["exact_route_cut"] == 0 and not _was_cut(full)
+    assert full.value < naive.value * 0.99

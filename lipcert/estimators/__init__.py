@@ -77,6 +77,8 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
 
 
 def _was_cut(result: Result) -> bool:
-    """Whether a LipSDP solve (or sdp-wide's multiplier search) in ``result`` stopped at its time limit."""
+    """Whether a LipSDP solve (or sdp-wide's multiplier search, or gram's exact route) in ``result``
+    stopped at its time limit."""
     return (any(s.get("solver_status") == "time_limit" for s in result.details.get("sections", []))
-            or any(w.get("stopped_at_limit") for w in result.details.get("wide_sdp", [])))
+            or any(w.get("stopped_at_limit") for w in result.details.get("wide_sdp", []))
+            or bool(result.details.get("exact_route_cut")))

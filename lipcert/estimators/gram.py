@@ -100,6 +100,7 @@ def affine_gram(node: Affine, iterations: int) -> tuple[float, bool, str]:
 class Gram:
     name = "gram"
     kind = "upper"
+    stops_early = True  # at settings.extra["deadline"]: layers without time for the exact route keep naive's bound
     description = "per-layer Gram-iteration bounds (l2; convolutions on small grids exact by a Cholesky proof, where naive's are looser), composed like naive; proven"
 
     def accepts(self, graph: Graph, settings: Settings) -> str | None:
@@ -113,18 +114,22 @@ class Gram:
         def node_norm(node: Node, norm: str) -> tuple[float, bool, str]:
             return affine_gram(node, its) if isinstance(node, Affine) else node.lipschitz(norm)
 
-        from ..graph.convnorm import on_device, prefetch_l2_norms
+        from ..graph.convnorm import CUT_NOTE, on_device, prefetch_l2_norms, tight_until
 
-        with on_device(settings.device) as notes:
+        with on_device(settings.device) as notes, tight_until(settings.extra.get("deadline")):
             convs = [conv_of(n.lin) for n in merged.nodes if isinstance(n, Affine)]
             prefetch_l2_norms([c for c in convs if c is not None], tight=True)
             total, layers = node_lipschitz_bounds(merged, "2", node_norm)
         value = total[merged.output]
+        cut = [layer.name for layer in layers if CUT_NOTE in layer.how]
+        if cut:
+            notes.append(f"{len(cut)} convolution(s) kept the circular bound: {CUT_NOTE} (give more time for their exact norms)")
         return Result(
             method=self.name, kind="upper", norm="2", value=value if math.isfinite(value) else None,
             certified=math.isfinite(value), time_s=time.perf_counter() - start,
             settings={"iterations": its, "safety_margin": SAFETY, "device": settings.device}, layers=layers,
             warnings=notes + branch_warnings(merged, []), model=graph.source, sha256=graph.sha256,
+            details={"exact_route_cut": len(cut)},
         )
 
 

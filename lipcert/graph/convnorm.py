@@ -36,6 +36,7 @@ import contextvars
 import itertools
 import math
 import os
+import time
 from typing import Iterator
 
 import torch
@@ -443,6 +444,21 @@ TIGHT_SIDE = 16384
 # no Cholesky proof is tried: on a CIFAR ResNet-18, 20 s of proof for a 0.3% gain on one layer
 TIGHT_GAIN = 5e-3
 LANCZOS_STEPS = 200
+TIGHT_FLOPS_PER_S = 2e10  # one core, float64, on the low side: a proof starts only if it fits before the deadline
+CUT_NOTE = "the exact route was cut by the deadline"
+_tight_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lipcert_tight_deadline", default=None)
+
+
+@contextlib.contextmanager
+def tight_until(deadline: float | None) -> Iterator[None]:
+    """Inside the block, the tight route starts no Cholesky proof that would end past
+    ``deadline`` (a time.perf_counter() value; None: no limit): such layers keep their
+    circular bound (proven), with CUT_NOTE in their description."""
+    token = _tight_deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _tight_deadline.reset(token)
 
 
 def _reads(conv) -> list[tuple[int, int, int]]:
@@ -593,7 +609,9 @@ def tight_conv_norm(conv, bound: float) -> tuple[float, bool, str] | None:
     side has at most TIGHT_SIDE numbers per group, or None (no gain, or no proof). The largest
     eigenvalue of the Gram matrix of the smaller side by Lanczos (over all groups at once: the
     operator A^T A or A A^T), then a Cholesky proof of every group's Gram matrix at that value plus
-    a hair (the residual and 1e-6 relative: reported as exact), or, if that fails, 0.1% above it."""
+    a hair (the residual and 1e-6 relative: reported as exact), or, if that fails, 0.1% above it.
+    Under ``tight_until`` a proof that would end past the deadline is not started: ``bound``
+    comes back, with CUT_NOTE in the description."""
     if conv.transposed or conv.in_shape[0] != 1:
         return None
     if min(conv.in_dim, conv.out_dim) // conv.groups > TIGHT_SIDE:
@@ -606,6 +624,12 @@ def tight_conv_norm(conv, bound: float) -> tuple[float, bool, str] | None:
     else:
         matvec = lambda v: conv.apply(conv.adjoint(v.reshape(flat_out))).reshape(-1)  # noqa: E731
         n = conv.out_dim
+    deadline = _tight_deadline.get()
+    if deadline is not None:
+        b, r = max(side.sizes), len(side.sizes)
+        seconds = side.groups * (r * b**3 / 3 + 3 * (r - 1) * b**3) / TIGHT_FLOPS_PER_S
+        if time.perf_counter() + seconds > deadline:
+            return bound, False, f"circular embedding (fft, polyphase); {CUT_NOTE}"
     theta, resid = _lanczos_top(matvec, n)
     for lam, exact in ((theta * (1.0 + 1e-6) + resid, True), (theta * (1.0 + 1e-3) + resid, False)):
         if math.sqrt(max(lam, 0.0)) * (1.0 + (TIGHT_GAIN if exact else 0.0)) >= bound:
