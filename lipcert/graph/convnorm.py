@@ -391,6 +391,19 @@ def dense_is_cheap(conv) -> bool:
     return flops <= DENSE_FLOPS and entries <= DENSE_ENTRIES
 
 
+def _reads(conv) -> list[tuple[int, int, int]]:
+    """(output position, tap, input position) for every tap of a plain convolution that reads a
+    real (not padded) input position; positions and taps as flat row-major indices."""
+    out_sp, in_sp, taps = conv.out_shape[2:], conv.in_shape[2:], conv.weight.shape[2:]
+    reads = []
+    for o_idx, o in enumerate(itertools.product(*[range(n) for n in out_sp])):
+        for t_idx, t in enumerate(itertools.product(*[range(k) for k in taps])):
+            pos = [oi * s + ti * d - b for oi, ti, s, d, b in zip(o, t, conv.strides, conv.dilations, conv.begins)]
+            if all(0 <= q < n for q, n in zip(pos, in_sp)):
+                reads.append((o_idx, t_idx, sum(q * math.prod(in_sp[a + 1 :]) for a, q in enumerate(pos))))
+    return reads
+
+
 def grouped_dense_norm(conv) -> tuple[float, bool]:
     """Exact l2 norm from the dense matrix of every group, all groups probed at once: a unit
     vector in one input channel of every group at the same position gives one column of each
@@ -404,14 +417,10 @@ def grouped_dense_norm(conv) -> tuple[float, bool]:
         # position and tap, the input position it reads, if inside the input
         w = conv.weight.to(current_device())
         co, ci = w.shape[0] // g, w.shape[1]
-        kernel = w.reshape(g, co, ci, *taps)
+        kernel = w.reshape(g, co, ci, math.prod(taps))
         mats = torch.zeros((g, co, math.prod(out_sp), ci, math.prod(in_sp)), dtype=torch.float64, device=w.device)
-        for o_idx, o in enumerate(itertools.product(*[range(n) for n in out_sp])):
-            for t in itertools.product(*[range(k) for k in taps]):
-                pos = [oi * s + ti * d - b for oi, ti, s, d, b in zip(o, t, conv.strides, conv.dilations, conv.begins)]
-                if all(0 <= q < n for q, n in zip(pos, in_sp)):
-                    i_idx = sum(q * math.prod(in_sp[a + 1 :]) for a, q in enumerate(pos))
-                    mats[:, :, o_idx, :, i_idx] += kernel[(slice(None),) * 3 + t]
+        for o, t, i in _reads(conv):
+            mats[:, :, o, :, i] += kernel[..., t]
         return max_singular(mats.reshape(g, co * math.prod(out_sp), ci * math.prod(in_sp)))
     c_in = conv.in_shape[1]
     ci = c_in // g
@@ -459,19 +468,6 @@ def tight_until(deadline: float | None) -> Iterator[None]:
         yield
     finally:
         _tight_deadline.reset(token)
-
-
-def _reads(conv) -> list[tuple[int, int, int]]:
-    """(output position, tap, input position) for every tap of a plain convolution that reads a
-    real (not padded) input position; positions and taps as flat row-major indices."""
-    out_sp, in_sp, taps = conv.out_shape[2:], conv.in_shape[2:], conv.weight.shape[2:]
-    reads = []
-    for o_idx, o in enumerate(itertools.product(*[range(n) for n in out_sp])):
-        for t_idx, t in enumerate(itertools.product(*[range(k) for k in taps])):
-            pos = [oi * s + ti * d - b for oi, ti, s, d, b in zip(o, t, conv.strides, conv.dilations, conv.begins)]
-            if all(0 <= q < n for q, n in zip(pos, in_sp)):
-                reads.append((o_idx, t_idx, sum(q * math.prod(in_sp[a + 1 :]) for a, q in enumerate(pos))))
-    return reads
 
 
 class SideGram:
