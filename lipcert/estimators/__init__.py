@@ -36,8 +36,9 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
     not take the others down.
 
     ``budget`` (lipcert.budget.Budget): methods that can stop early with a proven value (LipSDP)
-    run after the others and share what is left of the budget; one that cannot even start within
-    it is skipped, with the reason."""
+    run after the others and share what is left of the budget (gram, whose ``budget_weight`` is 0,
+    last, with what they leave); one that cannot even start within it is skipped, with the
+    reason."""
     from ..budget import settings_with_deadline
 
     results: dict[str, Result] = {}
@@ -49,13 +50,19 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
             skipped[name] = reason
         else:
             accepted.append((name, est))
-    # the methods that stop at a deadline last, so that the others' time is not taken from them
-    order = [a for a in accepted if not getattr(a[1], "stops_early", False)] + [a for a in accepted if getattr(a[1], "stops_early", False)]
+    # the methods that stop at a deadline last, so that the others' time is not taken from them;
+    # those with a budget weight of 0 (gram) last of all, with what the others leave
+    def weight(est) -> float:
+        return float(getattr(est, "budget_weight", 1.0)) if getattr(est, "stops_early", False) else 0.0
+
+    early = [a for a in accepted if not getattr(a[1], "stops_early", False)]
+    order = early + sorted([a for a in accepted if a not in early], key=lambda a: weight(a[1]) == 0)
     for i, (name, est) in enumerate(order):
         run_settings = settings
         if budget is not None and budget.limited and getattr(est, "stops_early", False):
-            late = sum(getattr(e, "stops_early", False) for _, e in order[i:])  # this one and those after it
-            share = budget.remaining() / late
+            late = sum(weight(e) for _, e in order[i:])  # this one and those after it
+            fraction = weight(est) / late if weight(est) > 0 else 1.0
+            share = budget.remaining() * fraction
             need = est.min_seconds(graph, settings) if hasattr(est, "min_seconds") else 0.0
             if need > share:
                 why = (f"the budget leaves {share:.0f} s and it needs at least about {need:.0f} s here" if share >= 1
@@ -63,7 +70,7 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
                 skipped[name] = f"{why} (give --budget {max(10 * need, 600):.0f}, or --budget 0 for no limit)"
                 budget.note_cut(f"{name} skipped")
                 continue
-            run_settings = settings_with_deadline(settings, budget.deadline(1.0 / late), share)
+            run_settings = settings_with_deadline(settings, budget.deadline(fraction), share)
         if note:
             note(f"running {name} ..." + (f" (budget: {budget.remaining():.0f} s left)" if budget is not None and budget.limited else ""))
         try:

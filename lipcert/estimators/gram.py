@@ -101,6 +101,7 @@ class Gram:
     name = "gram"
     kind = "upper"
     stops_early = True  # at settings.extra["deadline"]: layers without time for the exact route keep naive's bound
+    budget_weight = 0.0  # under a budget, last, with the time LipSDP and sdp-wide leave (its gains are per cent)
     description = "per-layer Gram-iteration bounds (l2; convolutions on small grids exact by a Cholesky proof, where naive's are looser), composed like naive; proven"
 
     def accepts(self, graph: Graph, settings: Settings) -> str | None:
