@@ -368,6 +368,7 @@ def test_gram_method_is_exact_on_small_grids_where_naive_is_loose(monkeypatch):
         assert b.exact and b.value <= ref * (1 + 1e-5), b.how
         assert a.value > ref * 1.01
     assert gram.certified and gram.value < naive.value
+    assert any("2 convolution(s) on small grids" in w and "--method gram" in w for w in naive.warnings)
 
 
 def test_gram_at_a_passed_deadline_keeps_the_circular_bounds_and_says_so(monkeypatch):
