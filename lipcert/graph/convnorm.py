@@ -470,6 +470,7 @@ TIGHT_SIDE = 25600
 # no Cholesky proof is tried: on a CIFAR ResNet-18, 20 s of proof for a 0.3% gain on one layer
 TIGHT_GAIN = 5e-3
 LANCZOS_STEPS = 200
+TIGHT_PRODUCTS = 1 << 26  # numbers in the table of tap products (0.5 GB; 3x3 x 512 channels: 21M)
 TIGHT_FLOPS_PER_S = 2e10  # one core, float64, on the low side: a proof starts only if it fits before the deadline
 CUT_NOTE = "the exact route was cut by the deadline"
 _tight_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lipcert_tight_deadline", default=None)
@@ -628,6 +629,11 @@ def tight_conv_norm(conv, bound: float) -> tuple[float, bool, str] | None:
     if conv.transposed or conv.in_shape[0] != 1:
         return None
     if min(conv.in_dim, conv.out_dim) // conv.groups > TIGHT_SIDE:
+        return None
+    # the tap products W_a^T W_b take (taps c)^2 numbers per group: at most TIGHT_PRODUCTS
+    g, taps = conv.groups, math.prod(conv.weight.shape[2:])
+    c = conv.in_shape[1] // g if conv.in_dim <= conv.out_dim else conv.out_shape[1] // g
+    if g * (taps * c) ** 2 > TIGHT_PRODUCTS:
         return None
     side = SideGram(conv)
     flat_in, flat_out = (1, *conv.in_shape), (1, *conv.out_shape)
