@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import math
 import os
@@ -476,6 +477,11 @@ CUT_NOTE = "the exact route was cut by the deadline"
 _tight_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("lipcert_tight_deadline", default=None)
 
 
+def tight_deadline() -> float | None:
+    """The deadline set by the innermost ``tight_until`` (None: no limit)."""
+    return _tight_deadline.get()
+
+
 @contextlib.contextmanager
 def tight_until(deadline: float | None) -> Iterator[None]:
     """Inside the block, the tight route starts no Cholesky proof that would end past
@@ -512,11 +518,9 @@ class SideGram:
         m_in, m_out = math.prod(conv.in_shape[2:]), math.prod(conv.out_shape[2:])
         self.input_side = ci * m_in <= co * m_out
         if self.input_side:  # columns (tap, channel): block (a, b) of flat^T flat is W_a^T W_b
-            flat = w.permute(0, 1, 3, 2).reshape(g, co, taps * ci)
-            self.prods, self.c, inner = flat.mT @ flat, ci, co
+            self._flat, self.c, self._inner = w.permute(0, 1, 3, 2).reshape(g, co, taps * ci), ci, co
         else:  # rows (tap, channel): block (a, b) of flat flat^T is W_a W_b^T
-            flat = w.permute(0, 3, 1, 2).reshape(g, taps * co, ci)
-            self.prods, self.c, inner = flat @ flat.mT, co, ci
+            self._flat, self.c, self._inner = w.permute(0, 3, 1, 2).reshape(g, taps * co, ci), co, ci
         shape = conv.in_shape if self.input_side else conv.out_shape
         self.groups, self.dim = g, self.c * math.prod(shape[2:])
         shared: dict[int, list[tuple[int, int]]] = {}  # what one position of the other side couples
@@ -536,14 +540,29 @@ class SideGram:
         self.starts = [r.start * per_row for r in self.bands]  # first position of each band
         self.sizes = [len(r) * per_row * self.c for r in self.bands]
         self._band_of = lambda p: p // band_positions  # noqa: E731
+
+    def proof_seconds(self) -> float:
+        """A rough time of the Cholesky proof on one core (TIGHT_FLOPS_PER_S), before any of it
+        is computed."""
+        b, r = max(self.sizes), len(self.sizes)
+        return self.groups * (r * b**3 / 3 + 3 * (r - 1) * b**3) / TIGHT_FLOPS_PER_S
+
+    @functools.cached_property
+    def prods(self) -> torch.Tensor:
+        """Every tap product, (g, taps c, taps c): block (a, b) is W_a^T W_b (W_a W_b^T)."""
+        return self._flat.mT @ self._flat if self.input_side else self._flat @ self._flat.mT
+
+    @functools.cached_property
+    def err_fro(self) -> float:
+        c = self.c
         added: dict[tuple[int, int], int] = {}
-        trace = torch.zeros(g, dtype=torch.float64, device=w.device)
+        trace = torch.zeros(self.groups, dtype=torch.float64, device=self._flat.device)
         for p, q, a, b in self.terms:
             added[p, q] = added.get((p, q), 0) + 1
             if p == q:
-                trace += self.prods[:, a * self.c : (a + 1) * self.c, b * self.c : (b + 1) * self.c].diagonal(dim1=-2, dim2=-1).sum(-1)
-        k = inner + max(added.values(), default=0)
-        self.err_fro = gamma(k + 2) * float(trace.max()) * (1.0 + 1e-6)
+                trace += self.prods[:, a * c : (a + 1) * c, b * c : (b + 1) * c].diagonal(dim1=-2, dim2=-1).sum(-1)
+        k = self._inner + max(added.values(), default=0)
+        return gamma(k + 2) * float(trace.max()) * (1.0 + 1e-6)
 
     def block(self, r: int, s: int) -> torch.Tensor:
         """Bands r and s of every group's Gram matrix: (g, sizes[r], sizes[s])."""
@@ -644,11 +663,8 @@ def tight_conv_norm(conv, bound: float) -> tuple[float, bool, str] | None:
         matvec = lambda v: conv.apply(conv.adjoint(v.reshape(flat_out))).reshape(-1)  # noqa: E731
         n = conv.out_dim
     deadline = _tight_deadline.get()
-    if deadline is not None:
-        b, r = max(side.sizes), len(side.sizes)
-        seconds = side.groups * (r * b**3 / 3 + 3 * (r - 1) * b**3) / TIGHT_FLOPS_PER_S
-        if time.perf_counter() + seconds > deadline:
-            return bound, False, f"circular embedding (fft, polyphase); {CUT_NOTE}"
+    if deadline is not None and time.perf_counter() + side.proof_seconds() > deadline:
+        return bound, False, f"circular embedding (fft, polyphase); {CUT_NOTE}"
     theta, resid = _lanczos_top(matvec, n)
     for lam, exact in ((theta * (1.0 + 1e-6) + resid, True), (theta * (1.0 + 1e-3) + resid, False)):
         if math.sqrt(max(lam, 0.0)) * (1.0 + (TIGHT_GAIN if exact else 0.0)) >= bound:
@@ -659,10 +675,9 @@ def tight_conv_norm(conv, bound: float) -> tuple[float, bool, str] | None:
     return None
 
 
-def conv_l2(conv, tight: bool = False) -> tuple[float, bool, str]:
+def conv_l2(conv) -> tuple[float, bool, str]:
     """(value, exact, how) for the l2 norm of a Conv: exact for 1x1 kernels and small layers,
-    otherwise the circular-embedding bound; with ``tight`` (method gram), layers up to
-    TIGHT_SIDE on their smaller side get the exact norm instead where it is lower."""
+    otherwise the circular-embedding bound (method gram then tries tight_conv_norm)."""
     one = _one_by_one_norm(conv)
     if one is not None:
         value, exact = one
@@ -671,8 +686,4 @@ def conv_l2(conv, tight: bool = False) -> tuple[float, bool, str]:
         value, exact = grouped_dense_norm(conv)
         return value, exact, "dense svd" if conv.groups == 1 else "dense svd per group"
     value, _ = circular_embedding_bound(conv)
-    if tight:
-        better = tight_conv_norm(conv, value)
-        if better is not None:
-            return better
     return value, False, "circular embedding (fft, polyphase)"

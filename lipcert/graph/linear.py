@@ -368,15 +368,24 @@ class Conv(LinearOp):
     def l2_tight(self) -> tuple[float, bool, str]:
         """l2() with the exact norm of layers on small grids where the circular embedding is
         looser (convnorm.tight_conv_norm; method gram): slower, at least as tight."""
-        if "_l2_tight" not in self.__dict__:
-            from .convnorm import CUT_NOTE, conv_l2
+        if "_l2_tight" in self.__dict__:
+            return self._l2_tight
+        from .convnorm import CUT_NOTE, tight_conv_norm, tight_deadline
 
-            base = self.l2()
-            value = base if base[1] else conv_l2(self, tight=True)
-            if CUT_NOTE in value[2]:
-                return value  # cut by a deadline: not kept, a later call without one may do better
-            self._l2_tight = value
-        return self._l2_tight
+        base = self.l2()
+        if base[1]:
+            self._l2_tight = base
+            return base
+        deadline = tight_deadline()
+        cut = self.__dict__.get("_l2_cut")
+        if cut is not None and cut[0] == deadline:
+            return cut[1]
+        value = tight_conv_norm(self, base[0]) or base
+        if CUT_NOTE in value[2]:  # kept for this deadline only: a later call with more time may do better
+            self._l2_cut = (deadline, value)
+            return value
+        self._l2_tight = value
+        return value
 
     def norm_bound(self, p: str) -> tuple[float, bool, str]:
         if p == "2":
