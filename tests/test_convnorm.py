@@ -394,3 +394,17 @@ def test_gram_at_a_passed_deadline_keeps_the_circular_bounds_and_says_so(monkeyp
     full = lipcert.bound(graph, method="gram")
     assert full.details["exact_route_cut"] == 0 and not _was_cut(full)
     assert full.value < naive.value * 0.99
+
+
+@pytest.mark.parametrize("spatial,k,stride", [((5,), 3, 1), ((6,), 3, 2), ((5, 3, 3), 3, 1)])
+def test_tight_route_in_one_and_three_dimensions(spatial, k, stride):
+    """1-d and 3-d convolutions: the bands run along the first spatial axis (a 2-d slice per row
+    in 3-d); exact and never below the dense norm."""
+    rng = np.random.default_rng(len(spatial) * 10 + k + stride)
+    nd = len(spatial)
+    conv = Conv((1, 6, *spatial), rng.normal(size=(8, 6, *([k] * nd))), (stride,) * nd, (1,) * (2 * nd), (1,) * nd)
+    ref = exact(conv)
+    circ = convnorm.circular_embedding_bound(conv)[0]
+    out = convnorm.tight_conv_norm(conv, circ * 1.1)  # the route runs even where the circular bound is close
+    assert out is not None and out[1]
+    assert ref <= out[0] * SAFE <= ref * (1 + 1e-5)
