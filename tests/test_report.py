@@ -68,6 +68,25 @@ def test_model_name_with_html_characters_is_escaped(tmp_path):
     assert "&lt;img src=x onerror=alert(1)&gt;.onnx" in html
 
 
+def test_per_layer_section_shows_the_tighter_of_naive_and_gram(tmp_path, monkeypatch):
+    """On a network whose convolutions gram proves exact (naive keeps circular bounds: the dense
+    route is switched off as for layers too large for it), the per-layer section is gram's; on
+    the spiral MLP (gram's Gram iteration is no tighter than naive's SVDs) it is naive's."""
+    import torch
+
+    from lipcert import bound, load
+    from lipcert.graph import convnorm
+    from lipcert.report import render
+
+    monkeypatch.setattr(convnorm, "DENSE_ENTRIES", 0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(256, 10)).double()
+    for graph, expected in ((load(net, (1, 8, 4, 4)), "gram"), (load(MODELS / "mlp_spiral.onnx"), "naive")):
+        results = [bound(graph, method=m) for m in ("naive", "gram")]
+        html = render(graph, results, tmp_path / f"{expected}.html").read_text()
+        assert f"<h2>Per-layer norms ({expected})</h2>" in html
+
+
 def test_report_without_a_proven_bound_says_so(tmp_path):
     from lipcert import load
     from lipcert.report import render

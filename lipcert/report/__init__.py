@@ -59,8 +59,10 @@ def render(graph: Graph, results: list[Result], path: str | Path, command: str =
         sentence = f"Proven: for all inputs x, y, ||f(x) - f(y)|| \u2264 {best.value:.6g} ||x - y|| (l{norm} norm, by {best.method})."
     else:
         interval, sentence = "no proven bound", "No method gave a proven upper bound; see the warnings below."
-    # the naive bound's breakdown is per layer; LipSDP's is per section (whole runs of layers)
-    layered = next((r for r in results if r.method == "naive" and r.layers), None) or next((r for r in results if r.layers), None)
+    # naive's and gram's bounds break down per layer (LipSDP's per section): the tighter of the
+    # two (gram where it proved small-grid convolutions exact), naive on a tie
+    per_layer = [r for r in results if r.method in ("naive", "gram") and r.layers and r.certified and r.value is not None]
+    layered = (min(per_layer, key=lambda r: (r.value, r.method != "naive")) if per_layer else None) or next((r for r in results if r.layers), None)
     layers = layered.layers if layered else []
     warnings = [f"{r.method}: {w}" for r in results for w in r.warnings] + [f"{r.method}: {r.status}" for r in results if r.value is None] + list(notes or [])
     ctx: dict[str, Any] = {
