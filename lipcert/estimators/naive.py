@@ -61,8 +61,8 @@ def branch_warnings(graph: Graph, layers: list[LayerNorm]) -> list[str]:
 
 def _gram_hint(graph: Graph, layers: list[LayerNorm]) -> list[str]:
     """A note when some convolution's l2 norm is a circular-embedding bound that method gram can
-    replace by the exact norm (small grids: convnorm.TIGHT_SIDE)."""
-    from ..graph.convnorm import TIGHT_SIDE
+    replace by the exact norm (small grids: convnorm.tight_applies)."""
+    from ..graph.convnorm import tight_applies
     from ..graph.linear import conv_of
 
     nodes = {n.name: n for n in graph.nodes}
@@ -70,7 +70,7 @@ def _gram_hint(graph: Graph, layers: list[LayerNorm]) -> list[str]:
     for layer in layers:
         node = nodes.get(layer.name)
         conv = conv_of(node.lin) if isinstance(node, Affine) and not layer.exact else None
-        if conv is not None and not conv.transposed and min(conv.in_dim, conv.out_dim) // conv.groups <= TIGHT_SIDE:
+        if conv is not None and tight_applies(conv):
             count += 1
     if not count:
         return []

@@ -117,9 +117,10 @@ def prefetch_l2_norms(ops: list, workers: int = min(2, os.cpu_count() or 1), tig
     import concurrent.futures
 
     def cost(op) -> float:
-        side = min(op.in_dim, op.out_dim) // op.groups if tight and isinstance(op.weight, torch.Tensor) else 0
-        extra = op.groups * side**3 / 4 if 0 < side <= TIGHT_SIDE and not dense_is_cheap(op) else 0.0
-        return _l2_cost(op) + extra  # a tight layer's Cholesky proof first
+        if not (tight and tight_applies(op) and not dense_is_cheap(op)):
+            return _l2_cost(op)
+        side = min(op.in_dim, op.out_dim) // op.groups
+        return _l2_cost(op) + op.groups * side**3 / 4  # a tight layer's Cholesky proof first
 
     from .. import progress
 
@@ -637,6 +638,19 @@ def proven_top(block, sizes: list[int], lam: float, err_fro: float = 0.0) -> boo
     return True
 
 
+def tight_applies(conv) -> bool:
+    """Whether the tight route may run on ``conv``: a plain convolution of one input, at most
+    TIGHT_SIDE rows per group on its smaller side, and a table of tap products W_a^T W_b ((taps
+    c)^2 numbers per group) of at most TIGHT_PRODUCTS numbers."""
+    if conv.transposed or conv.in_shape[0] != 1:
+        return False
+    g = conv.groups
+    if min(conv.in_dim, conv.out_dim) // g > TIGHT_SIDE:
+        return False
+    c = conv.in_shape[1] // g if conv.in_dim <= conv.out_dim else conv.out_shape[1] // g
+    return g * (math.prod(conv.weight.shape[2:]) * c) ** 2 <= TIGHT_PRODUCTS
+
+
 def tight_conv_norm(conv, bound: float) -> tuple[float, bool, str] | None:
     """(value, exact, how) below ``bound`` (a proven one) for a plain convolution whose smaller
     side has at most TIGHT_SIDE numbers per group, or None (no gain, or no proof). The largest
@@ -645,14 +659,7 @@ def tight_conv_norm(conv, bound: float) -> tuple[float, bool, str] | None:
     a hair (the residual and 1e-6 relative: reported as exact), or, if that fails, 0.1% above it.
     Under ``tight_until`` a proof that would end past the deadline is not started: ``bound``
     comes back, with CUT_NOTE in the description."""
-    if conv.transposed or conv.in_shape[0] != 1:
-        return None
-    if min(conv.in_dim, conv.out_dim) // conv.groups > TIGHT_SIDE:
-        return None
-    # the tap products W_a^T W_b take (taps c)^2 numbers per group: at most TIGHT_PRODUCTS
-    g, taps = conv.groups, math.prod(conv.weight.shape[2:])
-    c = conv.in_shape[1] // g if conv.in_dim <= conv.out_dim else conv.out_shape[1] // g
-    if g * (taps * c) ** 2 > TIGHT_PRODUCTS:
+    if not tight_applies(conv):
         return None
     side = SideGram(conv)
     flat_in, flat_out = (1, *conv.in_shape), (1, *conv.out_shape)
