@@ -324,6 +324,21 @@ def test_acas_xu_verified_by_verify():
     assert verify(problem, lams).ok
 
 
+@pytest.mark.slow
+def test_mixed_precision_hands_over_where_float64_refuses_the_float32_point(reference):
+    """On mnist_relu_9_200 the float32 phase ends at a point whose S is positive definite in float32
+    but not in float64; the hand-over moves rho up a little instead of stopping (it stopped there,
+    'stalled' at a duality gap of 4e-3, before), and the solve ends optimal."""
+    name = "mnist_relu_9_200.onnx"
+    problem = problem_from_graph(lipcert.load(str(SHARED_MODELS / "vnncomp2021" / name)))
+    lams, info = lipsdp_fast.solve(problem)
+    assert info["single_steps"] > 0
+    assert info["status"] == "optimal" and info["gap"] <= 1e-6, info
+    checked = verify(problem, lams)
+    assert checked.ok, checked.reason
+    assert reference[f"vnncomp2021/{name}"]["lower_l2"] <= info["lower_value"] <= checked.value
+
+
 def test_mixed_precision_reaches_the_double_precision_optimum(monkeypatch):
     """Above DENSE_DIM rows the first steps run in float32 (forced here on a small problem): the
     same verified optimum as float64 throughout, and a dual bound (recomputed in float64) that is
