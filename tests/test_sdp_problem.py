@@ -54,3 +54,29 @@ def test_residual_network_is_refused_with_a_reason(tmp_path):
     z = residual_scaled()
     reason = problem_from_graph(lipcert.load(z.module, z.input_shape))
     assert isinstance(reason, str) and "chain" in reason
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_cholesky_decides_definiteness_like_the_eigenvalues(seed):
+    """The proof factorises M block by block (it is block-tridiagonal): on random block-tridiagonal
+    matrices, shifted just above and just below their smallest eigenvalue, it succeeds exactly
+    when the whole matrix is positive definite, also where every diagonal block is."""
+    from lipcert.sdp.problem import _block_cholesky_ok
+
+    rng = np.random.default_rng(seed)
+    sizes = [5, 3, 7, 4][: 2 + seed % 3]
+    A = [(lambda G: G @ G.T + n * np.eye(n))(rng.normal(size=(n, n))) for n in sizes]
+    B = [2.0 * rng.normal(size=(m, n)) for n, m in zip(sizes, sizes[1:])]
+    off = np.cumsum([0, *sizes])
+    dense = np.zeros((off[-1], off[-1]))
+    for k, Ak in enumerate(A):
+        dense[off[k]:off[k + 1], off[k]:off[k + 1]] = Ak
+    for k, Bk in enumerate(B):
+        dense[off[k + 1]:off[k + 2], off[k]:off[k + 1]] = Bk
+        dense[off[k]:off[k + 1], off[k + 1]:off[k + 2]] = Bk.T
+    low = float(np.linalg.eigvalsh(dense)[0])
+    shift = lambda t: [Ak - t * np.eye(len(Ak)) for Ak in A]  # noqa: E731
+    assert _block_cholesky_ok(shift(low - 1e-6 * abs(low) - 1e-9), B)
+    assert not _block_cholesky_ok(shift(low + 1e-6 * abs(low) + 1e-9), B)
+    # the diagonal blocks alone stay positive definite just above the smallest eigenvalue
+    assert min(float(np.linalg.eigvalsh(Ak)[0]) for Ak in A) > low + 1e-6 * abs(low) + 1e-9
