@@ -307,12 +307,12 @@ def _fast_opts(opts: dict[str, Any], settings: Settings, dim: int = 0) -> dict[s
 
 
 # Seconds per (rows)^3 of lipcert-fast's start (layer-wise multipliers, a centred S^-1: about two
-# steps) on this project's machine: 0.45-0.5 s a step at 1808 rows (mnist-net_256x4, 2026-12-04).
-START_S_PER_ROW3 = 1.8e-10
-# Seconds per (rows)^3 of verify_best on this project's machine: 0.45 s at 1808 rows (mnist-net_256x4),
-# 9 s at 6244 (cifar_base_kw), block by block since 2026-12-04; the constant fits the smaller one
-# with a third to spare, which over-estimates the larger: a budget keeps this much time back for the proof.
-VERIFY_S_PER_ROW3 = 1.0e-10
+# steps) on this project's machine: 0.7 s a step at 1808 rows (mnist-net_256x4).
+START_S_PER_ROW3 = 2.4e-10
+# Seconds per (rows)^3 of verify_best on this project's machine (2 cores, one busy): 0.78 s at 1808
+# rows (mnist-net_256x4), 14 s at 6244 (cifar_base_kw); the constant fits the smaller one, which
+# over-estimates the larger: a budget keeps this much time back for the proof.
+VERIFY_S_PER_ROW3 = 1.4e-10
 
 
 def verify_seconds(dim: int) -> float:
