@@ -336,10 +336,6 @@ class _BT:
             X[w.block(k)] = self.Li[k].T @ z
         return X
 
-    def solve(self, R: torch.Tensor) -> torch.Tensor:
-        """S^-1 R by block substitution: O(sum n_k^2) per column, where S^-1 R would be O(d^2)."""
-        return self.usolve(self.lsolve(R))
-
     def inverse(self) -> torch.Tensor:
         """S^-1 = L^-T L^-1, where L^-1 is block lower triangular (its upper blocks are skipped)."""
         w = self.work
@@ -396,7 +392,6 @@ class _DenseS:
     def __init__(self, work: "_Work", S: torch.Tensor):
         self.work, self.S = work, S
         self.L: torch.Tensor | None = None
-        self.Sinv: torch.Tensor | None = None  # kept by inverse(): solve() is then one product
 
     def factor(self) -> bool:
         L, info = torch.linalg.cholesky_ex(self.S)
@@ -412,14 +407,8 @@ class _DenseS:
     def usolve(self, Z: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(self.L.T, Z, upper=True)
 
-    def solve(self, R: torch.Tensor) -> torch.Tensor:
-        """S^-1 R: one product once inverse() has run (the solver needs S^-1 anyway; the block-
-        tridiagonal _BT substitutes instead, O(d^2 n) where a product would be O(d^3))."""
-        return self.Sinv @ R if self.Sinv is not None else torch.cholesky_solve(R, self.L)
-
     def inverse(self) -> torch.Tensor:
-        self.Sinv = _sym(torch.cholesky_inverse(self.L))
-        return self.Sinv
+        return _sym(torch.cholesky_inverse(self.L))
 
     def lmul(self, X: torch.Tensor) -> torch.Tensor:
         return self.S @ X
