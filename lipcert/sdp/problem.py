@@ -63,30 +63,20 @@ class LipSDPProblem:
 
     def assemble(self, lambdas: list[np.ndarray], absolute: bool = False) -> np.ndarray:
         """The dense matrix C(lambda) (or, with ``absolute``, the same sum with |.| of every term,
-        which bounds the rounding errors of the assembly)."""
-        widths = self.widths
-        offsets = np.concatenate([[0], np.cumsum(widths)])
+        which bounds the rounding errors of the assembly): ``assemble_blocks`` put in place."""
+        D, B = self.assemble_blocks(lambdas, absolute)
+        offsets = np.concatenate([[0], np.cumsum(self.widths)])
         C = np.zeros((self.dim, self.dim))
-        ab = (lambda v: np.abs(v)) if absolute else (lambda v: v)
-        for j in range(1, len(widths)):
-            W = self.weights[j - 1]
-            lam = lambdas[j - 1]
-            a, b = self.alphas[j - 1], self.betas[j - 1]
-            p, q = slice(offsets[j - 1], offsets[j]), slice(offsets[j], offsets[j + 1])
-            Wa = ab(W)
-            C[p, p] += Wa.T @ (ab(-2.0 * a * b * lam)[:, None] * Wa)
-            cross = Wa.T * ab((a + b) * lam)[None, :]
-            C[p, q] += cross
-            C[q, p] += cross.T
-            C[q, q] += np.diag(ab(-2.0 * lam))
-        last = slice(offsets[-2], offsets[-1])
-        Wl = ab(self.weights[-1])
-        C[last, last] += Wl.T @ Wl
+        for k, Dk in enumerate(D):
+            C[offsets[k] : offsets[k + 1], offsets[k] : offsets[k + 1]] = Dk
+        for k, Bk in enumerate(B):
+            C[offsets[k + 1] : offsets[k + 2], offsets[k] : offsets[k + 1]] = Bk
+            C[offsets[k] : offsets[k + 1], offsets[k + 1] : offsets[k + 2]] = Bk.T
         return C
 
     def assemble_blocks(self, lambdas: list[np.ndarray], absolute: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """C(lambda) as its blocks: diagonal blocks D[k] (n_k x n_k) and sub-diagonal blocks
-        B[k] = C[k + 1, k]; every other block is zero. The same sums as ``assemble``, term by term."""
+        B[k] = C[k + 1, k]; every other block is zero. With ``absolute``, every term is |.|."""
         ab = (lambda v: np.abs(v)) if absolute else (lambda v: v)
         D = [np.zeros((n, n)) for n in self.widths]
         B = []
@@ -172,14 +162,17 @@ def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Ve
     K = len(D)
     # -C22 > 0, eliminated from the last layer back: Q_k = -D_k - B_k^T Q_{k+1}^-1 B_k; then the Schur
     # complement of the input block is C11 + C12 (-C22)^-1 C21 = D_0 + B_0^T Q_1^-1 B_0
+    def eliminated(Q: np.ndarray, k: int) -> np.ndarray:  # B_k^T Q^-1 B_k, with Q > 0 checked on the way
+        return B[k].T @ scipy.linalg.cho_solve(scipy.linalg.cho_factor(Q, lower=True, check_finite=False), B[k], check_finite=False)
+
     try:
         Q = -D[K - 1]
-        for k in range(K - 2, -1, -1):
-            cq = scipy.linalg.cho_factor(Q, lower=True, check_finite=False)
-            Q = (-D[k] if k > 0 else D[k]) + (-1.0 if k > 0 else 1.0) * (B[k].T @ scipy.linalg.cho_solve(cq, B[k], check_finite=False))
+        for k in range(K - 2, 0, -1):
+            Q = -D[k] - eliminated(Q, k)
+        S = D[0] + eliminated(Q, 0)
     except (np.linalg.LinAlgError, ValueError):
         return Verified(False, None, None, "the multipliers leave the hidden block not negative definite")
-    S = (Q + Q.T) / 2
+    S = (S + S.T) / 2
     n0 = problem.widths[0]
     rho_star = float(scipy.linalg.eigvalsh(S, subset_by_index=[n0 - 1, n0 - 1], check_finite=False)[0])
     if not math.isfinite(rho_star):
@@ -202,12 +195,11 @@ def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Ve
             diag = np.abs(np.diag(Mk))
             diag[~(diag > 0)] = 1.0
             sc.append(np.exp2(-np.round(np.log2(np.sqrt(diag)))))
-        MD = [Mk * c[:, None] * c[None, :] for Mk, c in zip(M, sc)]
-        BD = [Bk * sc[k + 1][:, None] * sc[k][None, :] for k, Bk in enumerate(B)]
-        abs0 = Da[0] * sc[0][:, None] * sc[0][None, :]
-        abs0[np.diag_indices(n0)] += rho * sc[0] ** 2
-        fro2 = float(np.sum(abs0**2)) + sum(float(np.sum((Dk * c[:, None] * c[None, :]) ** 2)) for Dk, c in zip(Da[1:], sc[1:]))
-        fro2 += 2.0 * sum(float(np.sum((Bk * sc[k + 1][:, None] * sc[k][None, :]) ** 2)) for k, Bk in enumerate(Ba))
+        diag_scaled = lambda blocks: [X * sc[k][:, None] * sc[k][None, :] for k, X in enumerate(blocks)]  # noqa: E731
+        off_scaled = lambda blocks: [X * sc[k + 1][:, None] * sc[k][None, :] for k, X in enumerate(blocks)]  # noqa: E731
+        MD, BD, abs_d, abs_b = diag_scaled(M), off_scaled(B), diag_scaled(Da), off_scaled(Ba)
+        abs_d[0][np.diag_indices(n0)] += rho * sc[0] ** 2
+        fro2 = sum(float(np.sum(X**2)) for X in abs_d) + 2.0 * sum(float(np.sum(X**2)) for X in abs_b)
         # assembly: |dM| <= gamma_n |terms| entrywise; Cholesky: backward error <= gamma_{d+1} d max diag
         max_diag = max(float(np.abs(np.diag(Mk)).max()) for Mk in MD)
         delta = gamma(n_max) * math.sqrt(fro2) + gamma(d + 1) * d * max_diag

@@ -310,8 +310,10 @@ def _fast_opts(opts: dict[str, Any], settings: Settings, dim: int = 0) -> dict[s
 # steps) on this project's machine: 0.7 s a step at 1808 rows (mnist-net_256x4).
 START_S_PER_ROW3 = 2.4e-10
 # Seconds per (rows)^3 of verify_best on this project's machine (2 cores, one busy): 0.78 s at 1808
-# rows (mnist-net_256x4), 14 s at 6244 (cifar_base_kw); the constant fits the smaller one, which
-# over-estimates the larger: a budget keeps this much time back for the proof.
+# rows (mnist-net_256x4), 14 s at 6244 (cifar_base_kw) with the dense proof; the constant fits the
+# smaller one, which over-estimates the larger: a budget keeps this much time back for the proof.
+# The block proof (2026-12-04) takes 0.45 s and 9 s there; the constant was kept: smaller ones
+# shrank certify's global LipSDP share on cifar_base_kw until it stopped at its start.
 VERIFY_S_PER_ROW3 = 1.4e-10
 
 
