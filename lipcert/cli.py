@@ -11,6 +11,7 @@ import click
 import numpy as np
 
 from . import progress
+from .budget import CERTIFY_BUDGET_S
 from .config import NORMS, Settings
 from .errors import LipcertError
 from .result import Result, best_proven
@@ -356,7 +357,7 @@ def _eps_list(ctx: click.Context, param: click.Parameter, value: tuple[float, ..
 @click.option("--method", type=click.Choice(["sdp", "naive"]), default="sdp", show_default=True, help="How the pairwise margin constants are bounded (sdp: LipSDP for l2 where it applies).")
 @click.option("--pairs", type=click.Choice(["binding", "all"]), default="binding", show_default=True,
               help="With --method sdp: tighten by LipSDP only the class pairs that decide some point's radius, as far as needed (radii at least 96% of those of optimal pair bounds), or every pair.")
-@budget_option(120.0)
+@budget_option(CERTIFY_BUDGET_S, " The default holds one LipSDP solve per class pair of an MNIST MLP of 4 x 256 neurons on 2 cores.")
 @jobs_option
 @click.option("--local", "local", is_flag=True, help="Also certify each point with local constants over the ball B(x, r) itself (dense chains; larger radii).")
 @output_options

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import lipcert
-from lipcert.budget import Budget, settings_with_deadline
+from lipcert.budget import CERTIFY_BUDGET_S, Budget, settings_with_deadline
 from lipcert.certify import PAIR_TOL, SETTLE, binding_pairs, certified_radius
 from lipcert.cli import main
 from lipcert.config import Settings
@@ -158,7 +158,7 @@ def test_cli_budget_is_reported(tmp_path):
     assert "budget:" in res.stdout and "--budget 0: no limit" in res.stdout
     res = CliRunner().invoke(main, ["certify", spiral, "--data", data, "--json"])
     out = json.loads(res.stdout)
-    assert out["budget"]["seconds"] == 120 and out["budget"]["cut"] == [] and out["lipschitz"]["tightened"]
+    assert out["budget"]["seconds"] == CERTIFY_BUDGET_S and out["budget"]["cut"] == [] and out["lipschitz"]["tightened"]
     res = CliRunner().invoke(main, ["bound", spiral, "--method", "all", "--budget", "0.0001", "--json"])
     out = json.loads(res.stdout)
     assert out["budget"]["cut"] == ["sdp skipped"] and "--budget" in out["skipped"]["sdp"]
