@@ -133,6 +133,22 @@ def test_a_method_that_cannot_start_within_the_budget_is_skipped(tenclass, monke
     assert [r.method for r in results] == [m for m in ESTIMATORS if m != "sdp"]
 
 
+def test_a_method_gets_more_than_its_share_when_those_after_it_can_still_start(tenclass, monkeypatch):
+    """LipSDP's least time above its half of the budget, below all of it: it runs with its least
+    time (sdp-wide and gram, after it, can stop at once), instead of being skipped."""
+    graph, _ = tenclass
+    from lipcert.estimators import sdp as sdp_est
+    from lipcert.sdp import solve
+
+    dim = sum(s.problem.dim for s in sdp_est.plan(graph)[1] if s.problem is not None)
+    monkeypatch.setattr(solve, "START_S_PER_ROW3", 20.0 / dim**3)  # least time about 20 s
+    budget = Budget(30)
+    results, skipped = estimate_all(graph, QUICK, budget=budget)
+    assert "sdp" not in skipped and not budget.cut
+    given = next(r for r in results if r.method == "sdp").settings["budget_s"]
+    assert 20 <= given < 25 and next(r for r in results if r.method == "sdp").certified
+
+
 def test_certify_skips_lipsdp_that_cannot_fit_in_the_budget(tenclass, radii, monkeypatch):
     """When one LipSDP solve cannot fit in what is left of the budget (its start and float64
     verification alone), certify keeps the cheap proven constants (naive, compose) and says so,
