@@ -19,7 +19,7 @@ from .config import check_range
 DEFAULT_BUDGET_S = 120.0
 # certify's default: its pairwise LipSDP is one solve per class pair. On mnist-net_256x4 (45 pairs of
 # 1280 rows, 2 cores, 2026-12-05) the pairs that decide the 15 images' radii settle (every radius
-# at least 96% of that of optimal pair bounds) after about 127 s; at 120 s one or two of them were
+# at least 96% of that of optimal pair bounds) after about 127 s; at 120 s one to three of them were
 # cut and their points kept 0.6 of their radius. Networks that settle sooner end sooner.
 CERTIFY_BUDGET_S = 150.0
 
