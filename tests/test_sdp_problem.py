@@ -61,20 +61,13 @@ def test_block_cholesky_decides_definiteness_like_the_eigenvalues(seed):
     """The proof factorises M block by block (it is block-tridiagonal): on random block-tridiagonal
     matrices, shifted just above and just below their smallest eigenvalue, it succeeds exactly
     when the whole matrix is positive definite, also where every diagonal block is."""
-    from lipcert.sdp.problem import _block_cholesky_ok
+    from lipcert.sdp.problem import _block_cholesky_ok, block_tridiagonal
 
     rng = np.random.default_rng(seed)
     sizes = [5, 3, 7, 4][: 2 + seed % 3]
     A = [(lambda G: G @ G.T + n * np.eye(n))(rng.normal(size=(n, n))) for n in sizes]
     B = [2.0 * rng.normal(size=(m, n)) for n, m in zip(sizes, sizes[1:])]
-    off = np.cumsum([0, *sizes])
-    dense = np.zeros((off[-1], off[-1]))
-    for k, Ak in enumerate(A):
-        dense[off[k]:off[k + 1], off[k]:off[k + 1]] = Ak
-    for k, Bk in enumerate(B):
-        dense[off[k + 1]:off[k + 2], off[k]:off[k + 1]] = Bk
-        dense[off[k]:off[k + 1], off[k + 1]:off[k + 2]] = Bk.T
-    low = float(np.linalg.eigvalsh(dense)[0])
+    low = float(np.linalg.eigvalsh(block_tridiagonal(A, B))[0])
     shift = lambda t: [Ak - t * np.eye(len(Ak)) for Ak in A]  # noqa: E731
     assert _block_cholesky_ok(shift(low - 1e-6 * abs(low) - 1e-9), B)
     assert not _block_cholesky_ok(shift(low + 1e-6 * abs(low) + 1e-9), B)

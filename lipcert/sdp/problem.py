@@ -64,15 +64,7 @@ class LipSDPProblem:
     def assemble(self, lambdas: list[np.ndarray], absolute: bool = False) -> np.ndarray:
         """The dense matrix C(lambda) (or, with ``absolute``, the same sum with |.| of every term,
         which bounds the rounding errors of the assembly): ``assemble_blocks`` put in place."""
-        D, B = self.assemble_blocks(lambdas, absolute)
-        offsets = np.concatenate([[0], np.cumsum(self.widths)])
-        C = np.zeros((self.dim, self.dim))
-        for k, Dk in enumerate(D):
-            C[offsets[k] : offsets[k + 1], offsets[k] : offsets[k + 1]] = Dk
-        for k, Bk in enumerate(B):
-            C[offsets[k + 1] : offsets[k + 2], offsets[k] : offsets[k + 1]] = Bk
-            C[offsets[k] : offsets[k + 1], offsets[k + 1] : offsets[k + 2]] = Bk.T
-        return C
+        return block_tridiagonal(*self.assemble_blocks(lambdas, absolute))
 
     def assemble_blocks(self, lambdas: list[np.ndarray], absolute: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """C(lambda) as its blocks: diagonal blocks D[k] (n_k x n_k) and sub-diagonal blocks
@@ -90,6 +82,19 @@ class LipSDPProblem:
         Wl = ab(self.weights[-1])
         D[-1] += Wl.T @ Wl
         return D, B
+
+
+def block_tridiagonal(D: list[np.ndarray], B: list[np.ndarray]) -> np.ndarray:
+    """The dense symmetric matrix with diagonal blocks D[k] and sub-diagonal blocks B[k] (= its
+    block (k + 1, k)); every other block is zero."""
+    offsets = np.concatenate([[0], np.cumsum([len(Dk) for Dk in D])])
+    C = np.zeros((offsets[-1], offsets[-1]))
+    for k, Dk in enumerate(D):
+        C[offsets[k] : offsets[k + 1], offsets[k] : offsets[k + 1]] = Dk
+    for k, Bk in enumerate(B):
+        C[offsets[k + 1] : offsets[k + 2], offsets[k] : offsets[k + 1]] = Bk
+        C[offsets[k] : offsets[k + 1], offsets[k + 1] : offsets[k + 2]] = Bk.T
+    return C
 
 
 def layer_scales(problem: LipSDPProblem) -> list[float]:
