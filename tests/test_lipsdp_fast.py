@@ -360,3 +360,60 @@ def test_mixed_precision_reaches_the_double_precision_optimum(monkeypatch):
     assert info_c["lower_value"] is None or info_c["lower_value"] <= a.value
     with pytest.raises(ValueError, match="precision"):
         lipsdp_fast.solve(problem, precision="half")
+
+
+def test_large_solves_use_every_core_small_ones_one():
+    """One BLAS thread below PARALLEL_DIM rows (spin-waiting threads on small operations), the
+    caller's torch thread count above (a few d^3 products per step)."""
+    assert lipsdp_fast.default_threads(lipsdp_fast.PARALLEL_DIM - 1) == 1
+    assert lipsdp_fast.default_threads(lipsdp_fast.PARALLEL_DIM) == torch.get_num_threads()
+
+
+def _network_covariance(work, rng: np.random.Generator, samples: int = 200) -> torch.Tensor:
+    """The covariance of (input, hidden layers) of the working network with an activation whose
+    slopes are a and b (biases random): a feasible point of the dual (certificate) problem."""
+    y = rng.normal(size=(samples, work.n0))
+    stack = [y]
+    for j in range(1, work.layers + 1):
+        h = work.hidden(j)
+        a, b = work.sab[h] - work.dba[h], work.sab[h] + work.dba[h]  # 2a, 2b
+        v = stack[-1] @ work.weights[j - 1].T + rng.normal(size=h.stop - h.start)
+        stack.append(0.5 * (a * np.minimum(v, 0) + b * np.maximum(v, 0)))
+    s = np.concatenate(stack, axis=1)
+    s -= s.mean(axis=0)
+    return torch.from_numpy(s.T @ s / samples)
+
+
+@pytest.mark.parametrize("widths,act,seed", [([4, 8, 6, 3], "relu", 0), ([5, 10, 10, 10, 2], "leaky", 1), ([3, 7, 5], "sigmoid", 3)])
+def test_a_repaired_infeasible_iterate_is_feasible_and_bounds_the_optimum_from_below(widths, act, seed):
+    """repair_scales makes a positive semidefinite Z that breaks constraints (a feasible point
+    plus noise) into a feasible X' = D Z D; its value <C0, X'> / tr X'_00 is a dual bound: never
+    above the optimum."""
+    problem = random_problem(widths, act, seed)
+    work = lipsdp_fast._working_problem(problem, True)
+    lams, _ = lipsdp_fast.solve(problem, "neuron")
+    optimum = verify(problem, lams).value
+    rng = np.random.default_rng(seed)
+    feasible = _network_covariance(work, rng)
+    assert np.all(work.apply_C(feasible)[1] >= -1e-12)
+    plain = work.c0(feasible) / float(torch.trace(feasible[: work.n0, : work.n0]))
+    assert work.repaired_bound(feasible) == pytest.approx(plain, rel=1e-9)
+    repaired = 0
+    for trial in range(20):
+        scale = np.sqrt(np.diag(feasible.numpy()))
+        if trial % 2:  # noise on every entry, on each coordinate's scale
+            A = rng.normal(size=(work.dim, work.dim)) * scale[:, None]
+            noise = torch.from_numpy(A @ A.T) / work.dim
+        else:  # the hidden coordinates' variances only (leaky ReLU tolerates little else)
+            noise = torch.diag(torch.from_numpy(np.r_[np.zeros(work.n0), scale[work.n0 :] ** 2]))
+        Z = feasible + 10 ** rng.uniform(-4, -0.5) * noise
+        assert np.any(work.apply_C(Z)[1] < 0)  # breaks constraints: something to repair
+        D = work.repair_scales(Z)
+        if D is None:
+            continue
+        X = D[:, None] * Z * D[None, :]
+        assert np.all(work.apply_C(X)[1] >= -1e-10 * float(X.abs().max()))
+        assert torch.all(D >= 0)
+        assert math.sqrt(work.repaired_bound(Z) * work.kappa2) <= optimum * (1 + 1e-9)
+        repaired += 1
+    assert repaired >= 5

@@ -37,7 +37,10 @@ Robustness on real networks, whose LipSDP data span many orders of magnitude:
 
 Certificate: X / tr(X_00) is dual feasible when <C_g, X> >= 0 for every multiplier group, and then
 <C0, X> / tr(X_00) is a lower bound on the LipSDP optimum (weak duality); the iteration stops when
-(rho - lower) / rho <= tol. The returned multipliers are in the coordinates of the original
+(rho - lower) / rho <= tol. While X breaks some of those constraints (the primal is infeasible
+until a full step, which on cifar_base_kw never comes: its primal steps stay short), D X D with
+one scale per neuron, chosen layer by layer, is feasible (``_Work.repair_scales``) and gives the
+lower bound instead. The returned multipliers are in the coordinates of the original
 problem; callers re-verify them with ``problem.verify``, whose value is the only one that may
 be reported as a bound.
 """
@@ -84,6 +87,20 @@ DENSE_DIM = 400
 START_FACTOR = 2.0
 RESTART_FACTOR = 2.0
 STALL_STEPS = 6
+
+
+# BLAS threads: one below PARALLEL_DIM rows (on a shared machine, spin-waiting threads cost
+# 10-100x on small operations: a 256 x 256 eigvalsh took 7 s with 2 threads under load, 5 ms with
+# 1), torch's default (one per core) above, where every step is a few d^3 products (cifar_base_kw,
+# 6244 rows, 2 cores: 18.5 s a step instead of 32 s)
+PARALLEL_DIM = 3000
+# relative rounding allowed in repair_scales' constraint check, per working precision
+REPAIR_ROUNDING = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def default_threads(dim: int) -> int:
+    """BLAS threads for a solve of ``dim`` rows (see PARALLEL_DIM)."""
+    return 1 if dim < PARALLEL_DIM else torch.get_num_threads()
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -266,6 +283,49 @@ class _Work:
         Z1 = AZ[:, :n0].T * sc - 2.0 * Z[:n0, n0:]
         Z2 = AZ[:, :n0].T * dc
         return Q11, Q12, Q22, Z1, Z2
+
+    def repair_scales(self, Z: torch.Tensor) -> torch.Tensor | None:
+        """For a positive semidefinite Z that breaks some constraints <C_i, Z> >= 0 (the
+        infeasible-primal iterate): a diagonal D (as a vector) with X' = D Z D feasible:
+        1 on the input block and per neuron the s_i >= 0 nearest 1 with <C_i, X'> >= 0, layer
+        by layer (neuron i's constraint reads the scales of layer j - 1 and its own: -2ab q_i +
+        2(a+b) p_i s_i - 2 Z_ii s_i^2, q_i and p_i from the scaled layer j - 1), up to rounding
+        (REPAIR_ROUNDING of the terms). None when some neuron has no such s_i (possible only when
+        ab > 0). In the working precision, like the plain check in the loop."""
+        scales = [torch.ones(self.n0, dtype=self.dtype)]
+        for j in range(1, self.layers + 1):
+            p, q, h = self.block(j - 1), self.block(j), self.hidden(j)
+            Wd = self.tw[j - 1] * scales[-1][None, :]  # rows u_i^T D_{j-1}
+            qi = torch.einsum("ij,ij->i", Wd @ Z[p, p], Wd)  # u^T D Z D u
+            pi = torch.einsum("ij,ji->i", Wd, Z[p, q])  # u^T D Z e_i
+            z = torch.diagonal(Z[q, q])
+            b, c = self.tsab[h] * pi, self.tpab[h] * qi
+            # f(s) / 2 = -z s^2 + b s - c is concave: s = 1 when f(1) >= 0, else the end of
+            # {s >= 0: f(s) >= 0} nearest 1 (an interval between the roots; for z = 0 a half-line);
+            # every f(s) >= 0 is then checked, up to the rounding of its terms (a neuron on the edge
+            # of its slope interval has a double root)
+            sq = torch.sqrt(torch.clamp(b * b - 4.0 * z * c, min=0.0))
+            zz = (2.0 * z).clamp(min=1e-300)
+            lo, hi = torch.clamp((b - sq) / zz, min=0.0), (b + sq) / zz
+            line = torch.where(b > 0, torch.clamp(c / b, min=1.0), torch.where(b < 0, torch.clamp(c / b, min=0.0, max=1.0), 1.0))
+            s = torch.where(z > 0, torch.minimum(torch.maximum(lo, torch.ones_like(z)), hi.clamp(min=0.0)), line)
+            s = torch.where(b - z - c >= 0, torch.ones_like(z), s)
+            terms = z * s * s + b.abs() * s + c.abs()
+            if not bool(torch.all(-z * s * s + b * s - c >= -REPAIR_ROUNDING[self.dtype] * terms)):
+                return None
+            scales.append(s)
+        return torch.cat(scales)
+
+    def repaired_bound(self, Z: torch.Tensor) -> float | None:
+        """<C0, X'> / tr X'_00 for X' = D Z D of repair_scales: X' is positive semidefinite and
+        feasible, so by weak duality a lower bound on the optimum; None if Z cannot be repaired."""
+        D = self.repair_scales(Z)
+        trE = float(torch.trace(Z[: self.n0, : self.n0]))
+        if D is None or not trE > 0:
+            return None
+        last = self.block(self.layers)
+        Wl = self.tw[-1] * D[last][None, :]
+        return float(torch.einsum("ij,ij->", Wl @ Z[last, last], Wl)) / trE
 
     def c0(self, Z: torch.Tensor) -> float:
         """<C0, Z> = <W_l^T W_l, Z_ll>."""
@@ -671,8 +731,9 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     Options: tol (relative duality gap on rho at which to stop, 1e-6: the bound sqrt(rho) is then
     within 5e-7 of the LipSDP optimum), max_iter (60), time_limit (seconds, None), scale (rescale
     the layers, True), init (multipliers in the original coordinates to start from, when strictly
-    feasible), threads (BLAS threads for torch during the solve, 1), progress (a callable
-    ``progress(iteration, value, gap)`` called at every step; value is sqrt(rho), not verified),
+    feasible), threads (BLAS threads for torch during the solve; default_threads: one below
+    PARALLEL_DIM rows), progress (a callable ``progress(iteration, value, gap)`` called at every
+    step; value is sqrt(rho), not verified),
     target (stop as soon as sqrt(rho) <= target: status "target"), start_factor (the start's rho
     over the smallest feasible one for its multipliers, START_FACTOR; closer to 1 resumes from
     good multipliers without giving much of their value back), precision ("mixed": float32 steps
@@ -782,6 +843,9 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         trE, cx, c0 = float(torch.trace(X[:n0, :n0])), _diag_C(QX), work.c0(X)
         if trE > 0 and np.all(grp(cx) >= 0):
             low_best = max(low_best, c0 / trE)
+        else:  # X breaks some constraints (the primal is infeasible until a full step): repaired
+            rep = work.repaired_bound(X)
+            low_best = low_best if rep is None else max(low_best, rep)
         # relative gap; in working units the start has rho ~ 1, which bounds the scale from below
         gap = (rho - low_best) / max(rho, 1e-9) if low_best > -math.inf else math.inf
         if work.dtype == F32 and gap <= single_until:
@@ -929,6 +993,9 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         QX = work.quad(X64)
         trE, cx = float(torch.trace(X64[:n0, :n0])), _diag_C(QX)
         low_best = work.c0(X64) / trE if trE > 0 and np.all(grp(cx) >= 0) else -math.inf
+        if low_best == -math.inf:
+            rep = work.repaired_bound(X64)
+            low_best = -math.inf if rep is None else rep
         gap = (rho - low_best) / max(rho, 1e-9) if low_best > -math.inf else math.inf
     lam = theta if P is None else P @ theta
     mult = work.to_original(lam)
@@ -947,10 +1014,8 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
 
 
 def solve(problem: LipSDPProblem, variant: str = "neuron", **opts) -> tuple[list[np.ndarray] | None, dict]:
-    # one BLAS thread by default: on a shared machine, spin-waiting threads cost 10-100x (measured
-    # here: a 256 x 256 eigvalsh took 7 s with 2 threads under load, 5 ms with 1)
-    threads = opts.pop("threads", 1)
-    with torch_threads(int(threads)):
+    threads = opts.pop("threads", None)
+    with torch_threads(int(threads) if threads else default_threads(problem.dim)):
         keep = _read_neurons(problem) if variant == "neuron" else None
         if keep is None:
             return _solve(problem, variant, opts)

@@ -1,8 +1,8 @@
 """LipSDP problems solved side by side in worker processes (certify's pairwise constants).
 
-The solver runs one BLAS thread (many threads spin-wait on a shared machine: see
-``lipcert.sdp.fast.solve``), so a machine with several cores is used by solving several problems at
-once, one per process. Workers are spawned (not forked: torch's thread pools do not survive a
+The solver runs one BLAS thread below ``lipcert.sdp.fast.PARALLEL_DIM`` rows (many threads
+spin-wait on a shared machine), so a machine with several cores is used by solving several problems
+at once, one per process. Workers are spawned (not forked: torch's thread pools do not survive a
 fork) with one BLAS thread each; a worker's start costs about 3 s (importing torch), so pools are
 only worth it for problems whose solve takes seconds (``jobs_for``).
 """
