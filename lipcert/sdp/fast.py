@@ -698,6 +698,17 @@ def _fsolve(fac, b: np.ndarray) -> np.ndarray:
     return x / dg
 
 
+def _dual_bound(work: _Work, X: torch.Tensor, QX, grp) -> float:
+    """The lower bound on rho that X proves (-inf if none): <C0, X> / tr X_00 when X is feasible
+    (``grp`` sums <C_i, X> per multiplier group), else that of its repair (see the module
+    docstring's Certificate)."""
+    trE = float(torch.trace(X[: work.n0, : work.n0]))
+    if trE > 0 and np.all(grp(_diag_C(QX)) >= 0):
+        return work.c0(X) / trE
+    repaired = work.repaired_bound(X)  # the primal is infeasible until a full step
+    return -math.inf if repaired is None else repaired
+
+
 def _diag_C(Q) -> np.ndarray:
     """(<C_i, Z>)_i from ``quad(Z)``: C_i = -1/2 y1 y1^T + 1/2 y2 y2^T."""
     return (0.5 * (torch.diagonal(Q[2]) - torch.diagonal(Q[0]))).numpy()
@@ -840,12 +851,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
     while True:
         # ---- certificate from the current X (<C_i, X> is on the diagonal of Y^T X Y) ----
         QX = work.quad(X)
-        trE, cx, c0 = float(torch.trace(X[:n0, :n0])), _diag_C(QX), work.c0(X)
-        if trE > 0 and np.all(grp(cx) >= 0):
-            low_best = max(low_best, c0 / trE)
-        else:  # X breaks some constraints (the primal is infeasible until a full step): repaired
-            rep = work.repaired_bound(X)
-            low_best = low_best if rep is None else max(low_best, rep)
+        low_best = max(low_best, _dual_bound(work, X, QX, grp))
         # relative gap; in working units the start has rho ~ 1, which bounds the scale from below
         gap = (rho - low_best) / max(rho, 1e-9) if low_best > -math.inf else math.inf
         if work.dtype == F32 and gap <= single_until:
@@ -990,12 +996,7 @@ def _solve(problem: LipSDPProblem, variant: str, opts: dict) -> tuple[list[np.nd
         # stopped in the float32 phase (target, time or iteration limit): the dual bound in float64
         X64 = X.to(F64)
         work.set_dtype(F64)
-        QX = work.quad(X64)
-        trE, cx = float(torch.trace(X64[:n0, :n0])), _diag_C(QX)
-        low_best = work.c0(X64) / trE if trE > 0 and np.all(grp(cx) >= 0) else -math.inf
-        if low_best == -math.inf:
-            rep = work.repaired_bound(X64)
-            low_best = -math.inf if rep is None else rep
+        low_best = _dual_bound(work, X64, work.quad(X64), grp)
         gap = (rho - low_best) / max(rho, 1e-9) if low_best > -math.inf else math.inf
     lam = theta if P is None else P @ theta
     mult = work.to_original(lam)
