@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from ..graph.convnorm import torch_threads
-from .problem import LipSDPProblem, expand_multipliers
+from .problem import LipSDPProblem, block_tridiagonal, expand_multipliers
 
 log = logging.getLogger(__name__)
 
@@ -301,15 +301,15 @@ class _Work:
             z = torch.diagonal(Z[q, q])
             b, c = self.tsab[h] * pi, self.tpab[h] * qi
             # f(s) / 2 = -z s^2 + b s - c is concave: s = 1 when f(1) >= 0, else the end of
-            # {s >= 0: f(s) >= 0} nearest 1 (an interval between the roots; for z = 0 a half-line);
-            # every f(s) >= 0 is then checked, up to the rounding of its terms (a neuron on the edge
-            # of its slope interval has a double root)
+            # {s >= 0: f(s) >= 0} (an interval between the roots) nearest 1. Z_ii = 0 leaves row i
+            # of the semidefinite Z zero, so b = 0 there: f does not depend on s, and s = 1. Every
+            # f(s) >= 0 is then checked, up to the rounding of its terms (a neuron on the edge of
+            # its slope interval has a double root)
             sq = torch.sqrt(torch.clamp(b * b - 4.0 * z * c, min=0.0))
             zz = (2.0 * z).clamp(min=1e-300)
             lo, hi = torch.clamp((b - sq) / zz, min=0.0), (b + sq) / zz
-            line = torch.where(b > 0, torch.clamp(c / b, min=1.0), torch.where(b < 0, torch.clamp(c / b, min=0.0, max=1.0), 1.0))
-            s = torch.where(z > 0, torch.minimum(torch.maximum(lo, torch.ones_like(z)), hi.clamp(min=0.0)), line)
-            s = torch.where(b - z - c >= 0, torch.ones_like(z), s)
+            one = torch.ones_like(z)
+            s = torch.where((z > 0) & (b - z - c < 0), torch.minimum(torch.maximum(lo, one), hi.clamp(min=0.0)), one)
             terms = z * s * s + b.abs() * s + c.abs()
             if not bool(torch.all(-z * s * s + b * s - c >= -REPAIR_ROUNDING[self.dtype] * terms)):
                 return None
@@ -438,14 +438,8 @@ class _BT:
         return _BT(self.work, [a + alpha * b for a, b in zip(self.D, dS.D)], [a + alpha * b for a, b in zip(self.B, dS.B)])
 
     def dense(self) -> torch.Tensor:
-        w = self.work
-        S = torch.zeros((w.dim, w.dim), dtype=w.dtype)
-        for k in range(len(self.D)):
-            S[w.block(k), w.block(k)] = self.D[k]
-        for k in range(len(self.B)):
-            S[w.block(k + 1), w.block(k)] = self.B[k]
-            S[w.block(k), w.block(k + 1)] = self.B[k].T
-        return S
+        D, B = ([a.double().numpy() for a in blocks] for blocks in (self.D, self.B))
+        return torch.from_numpy(block_tridiagonal(D, B)).to(self.work.dtype)
 
 
 class _DenseS:
