@@ -144,9 +144,12 @@ class LipSDP:
 
     def min_seconds(self, graph: Graph, settings: Settings) -> float:
         """A rough estimate of the least time a run takes, however early its solves stop: each
-        section's start (about two solver steps) and its float64 verification (see verify_seconds)."""
+        section's start (about two solver steps) and its float64 verification (see verify_seconds),
+        on the BLAS threads the solver takes for its size (lipcert.sdp.fast.default_threads)."""
+        from ..sdp.fast import default_threads
+
         _, sections = plan(graph)
-        return sum(least_solve_seconds(s.problem.dim) for s in sections if s.problem is not None)
+        return sum(least_solve_seconds(s.problem.dim, default_threads(s.problem.dim)) for s in sections if s.problem is not None)
 
     def accepts(self, graph: Graph, settings: Settings) -> str | None:
         if (reason := _check_norm(settings)) is not None:
