@@ -295,6 +295,13 @@ def test_verify_best_moves_nearly_singular_multipliers_inside():
     assert best.value >= info["lower_value"]
     # and with good multipliers it changes nothing
     assert verify_best(problem, lams, info["interior"]) == verify(problem, lams)
+    # past a budget's deadline no other point is tried once one is proven (each try is a float64
+    # proof: seconds on large problems); without a proof the tries go on
+    near = [(1 - 1e-9) * a + 1e-9 * np.asarray(b) for a, b in zip(edge, info["interior"])]
+    first = verify(problem, near)
+    assert first.ok and first.margin > 1e-7 and verify_best(problem, near, info["interior"]).value < first.value
+    assert verify_best(problem, near, info["interior"], deadline=0.0) == first
+    assert not plain.ok and verify_best(problem, edge, info["interior"], deadline=0.0).ok
 
 
 ACAS = ["ACASXU_run2a_1_1_batch_2000.onnx", "ACASXU_run2a_2_3_batch_2000.onnx", "ACASXU_run2a_5_9_batch_2000.onnx"]
