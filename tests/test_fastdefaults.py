@@ -189,6 +189,34 @@ def test_certify_skips_lipsdp_that_cannot_fit_in_the_budget(tenclass, radii, mon
     assert out.constants.global_method in ("naive", "compose") and out.constants.solves == 0
 
 
+def test_certify_gives_the_global_lipsdp_all_the_budget_when_no_large_pair_can_follow(tenclass, monkeypatch):
+    """Pairs of LONG_DIM rows or more follow the global solve only when the budget's other half
+    holds one pair's least time; otherwise the global LipSDP gets the whole budget (cifar_base_kw:
+    a pair needs about 93 s of a 150 s budget), where it had half and the rest went unused."""
+    import importlib
+
+    from lipcert.sdp import solve
+
+    certify_mod = importlib.import_module("lipcert.certify")  # the package exports a function of that name
+    graph, x = tenclass
+    dim = sum(s.problem.dim for s in sdp.plan(graph)[1] if s.problem is not None)
+    monkeypatch.setattr(sdp, "LONG_DIM", 1)
+    shares = []
+    real = certify_mod._global_sdp
+
+    def spy(graph, solver, settings, budget):
+        shares.append(settings.extra["budget_s"])
+        return real(graph, solver, settings, budget)
+
+    monkeypatch.setattr(certify_mod, "_global_sdp", spy)
+    for least, share in ((6.0, (0.9, 1.0)), (1.0, (0.45, 0.5))):  # seconds of a 10 s budget
+        monkeypatch.setattr(solve, "START_S_PER_ROW3", least / dim**3)
+        monkeypatch.setattr(solve, "VERIFY_S_PER_ROW3", 0.0)
+        shares.clear()
+        certified_radius(graph, x[:5], budget=Budget(10))
+        assert share[0] * 10 <= shares[0] <= share[1] * 10
+
+
 def test_cli_budget_is_reported(tmp_path):
     spiral, data = str(MODELS / "mlp_spiral.onnx"), str(MODELS / "spiral_test.npz")
     res = CliRunner().invoke(main, ["certify", spiral, "--data", data, "--budget", "0.0001"])
