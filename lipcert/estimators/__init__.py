@@ -39,7 +39,8 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
     run after the others and share what is left of the budget, those that can stop at once first
     (sdp-wide, then LipSDP, which gets what sdp-wide leaves; gram, whose ``budget_weight`` is 0,
     last, with what they leave); one whose least time is more than its share is skipped, with
-    the reason."""
+    the reason, and so is one whose ``floor`` (a value none of its runs goes below) is not below a
+    proven bound already found."""
     from ..budget import settings_with_deadline
 
     results: dict[str, Result] = {}
@@ -63,6 +64,9 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
     order = early + sorted(late, key=lambda a: (weight(a[1]) == 0, least.get(a[0], 0.0)))
     for i, (name, est) in enumerate(order):
         run_settings = settings
+        if budget is not None and budget.limited and (reason := _cannot_beat(est, graph, settings, results)) is not None:
+            skipped[name] = reason
+            continue
         if budget is not None and budget.limited and getattr(est, "stops_early", False):
             weights_left = sum(weight(e) for _, e in order[i:])  # this one and those after it
             fraction = weight(est) / weights_left if weight(est) > 0 else 1.0
@@ -85,6 +89,20 @@ def estimate_all(graph: Graph, settings: Settings, note: Callable[[str], None] |
         if budget is not None and budget.limited and _was_cut(results[name]):
             budget.note_cut(f"{name} stopped early (a proven, looser bound)")
     return [results[name] for name in ESTIMATORS if name in results], skipped
+
+
+def _cannot_beat(est, graph: Graph, settings: Settings, results: dict[str, Result]) -> str | None:
+    """Why ``est`` cannot improve on the proven upper bounds in ``results`` (its ``floor``, a value
+    none of its runs goes below, is not below the best of them), or None."""
+    proven = [r for r in results.values() if r.kind == "upper" and r.certified and r.value is not None]
+    if not hasattr(est, "floor") or not proven:
+        return None
+    best = min(proven, key=lambda r: r.value)
+    floor = est.floor(graph, settings)
+    if floor < best.value:
+        return None
+    return (f"it cannot beat {best.method}'s proven {best.value:.6g} here: its bound is at least {floor:.6g} "
+            f"({getattr(est, 'floor_means', 'its least possible value')}); --budget 0 runs it anyway")
 
 
 def _least_seconds(est, graph: Graph, settings: Settings) -> float:
