@@ -46,7 +46,7 @@ def budget_option(default: float | None, extra: str = "") -> Callable:
     shown = f"  [default: {default:g}]" if default else ""
     return click.option("--budget", type=click.FloatRange(min=0), default=default, metavar="SECONDS",
                         help=f"Time allowed in all; slow methods (LipSDP) stop at it with a proven, looser bound, and the output "
-                             f"says what was cut. 0: no limit.{extra}{shown}")
+                             f"says what was cut; LipSDP is skipped where it cannot beat a bound already proven. 0: no limit.{extra}{shown}")
 
 
 def jobs_option(fn: Callable) -> Callable:
