@@ -279,8 +279,15 @@ def _tight_case(ci, co, n, k, s, d, g, p):
     return Conv((1, ci, n, n), rng.normal(size=(co, ci // g, k, k)), (s, s), (p, p, p, p), (d, d), g)
 
 
+@pytest.fixture(params=[convnorm.MIN_BAND, 1], ids=["bands", "one-row-bands"])
+def min_band(request, monkeypatch):
+    """The default bands (small layers: one) and one-row bands (the banded proof on every case)."""
+    monkeypatch.setattr(convnorm, "MIN_BAND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", TIGHT)
-def test_side_gram_equals_the_dense_gram_within_its_error_bound(case):
+def test_side_gram_equals_the_dense_gram_within_its_error_bound(case, min_band):
     conv = _tight_case(*case)
     side_gram = convnorm.SideGram(conv)
     gram, err = side_gram.dense(), side_gram.err_fro
@@ -298,11 +305,17 @@ def test_side_gram_equals_the_dense_gram_within_its_error_bound(case):
         idx = order[:, k * per : (k + 1) * per].reshape(-1)
         ref = full[idx][:, idx]
         assert float(torch.linalg.norm(gram[k] - ref)) <= max(err, 1e-300)
+        # the proof factors only the bands within ``width`` of each other: the rest must be zero
+        edges = np.cumsum([0] + side_gram.sizes)
+        for r in range(len(side_gram.sizes)):
+            for t in range(len(side_gram.sizes)):
+                if abs(r - t) > side_gram.width:
+                    assert not ref[edges[r] : edges[r + 1], edges[t] : edges[t + 1]].any()
     assert err > 0
 
 
 @pytest.mark.parametrize("case", TIGHT)
-def test_tight_route_is_exact_and_never_below_the_dense_norm(case):
+def test_tight_route_is_exact_and_never_below_the_dense_norm(case, min_band):
     conv = _tight_case(*case)
     ref = exact(conv)
     circ = convnorm.circular_embedding_bound(conv)[0]
@@ -314,32 +327,34 @@ def test_tight_route_is_exact_and_never_below_the_dense_norm(case):
     assert ref <= value * SAFE <= ref * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("sizes", [[200], [60, 80, 60]])
-def test_cholesky_proof_refuses_below_the_top_eigenvalue(sizes):
-    """The proof, whole or over bands of a block-tridiagonal matrix: accepts just above the
-    largest eigenvalue, refuses just below it, and refuses when the claimed rounding error of the
-    matrix exceeds the gap."""
+@pytest.mark.parametrize("sizes, width", [([200], 1), ([60, 80, 60], 1), ([50, 40, 60, 50, 40], 2), ([30] * 6, 3)])
+def test_cholesky_proof_refuses_below_the_top_eigenvalue(sizes, width):
+    """The proof, whole or over bands of a block-banded matrix: accepts just above the largest
+    eigenvalue, refuses just below it, and refuses when the claimed rounding error of the matrix
+    exceeds the gap."""
     rng = np.random.default_rng(5)
     n = sum(sizes)
     edges = np.cumsum([0] + sizes)
     band = np.zeros((n, n), dtype=bool)
     for r in range(len(sizes)):
-        band[edges[r] : edges[r + 1], edges[max(r - 1, 0)] : edges[min(r + 2, len(sizes))]] = True
+        band[edges[r] : edges[r + 1], edges[max(r - width, 0)] : edges[min(r + width + 1, len(sizes))]] = True
     a = rng.normal(size=(n + 50, n))
     gram = torch.from_numpy(np.where(band, a.T @ a, 0.0) + n * np.eye(n) * 0.5)[None]
     top = float(torch.linalg.eigvalsh(gram[0])[-1])
     block = lambda r, s: gram[:, edges[r] : edges[r + 1], edges[s] : edges[s + 1]].clone()  # noqa: E731
-    assert convnorm.proven_top(block, sizes, top * (1 + 1e-7))
-    assert not convnorm.proven_top(block, sizes, top * (1 - 1e-7))
-    assert not convnorm.proven_top(block, sizes, top * (1 + 1e-7), err_fro=top * 1e-6)
+    assert convnorm.proven_top(block, sizes, top * (1 + 1e-7), 0.0, width)
+    assert not convnorm.proven_top(block, sizes, top * (1 - 1e-7), 0.0, width)
+    assert not convnorm.proven_top(block, sizes, top * (1 + 1e-7), top * 1e-6, width)
 
 
-def test_tight_route_keeps_the_circular_bound_when_lanczos_misses_the_top(monkeypatch):
-    """A Ritz value well below the top (a bad estimate) fails both proofs: the route gives up and
-    the layer keeps its circular bound; never a value below the norm."""
-    conv = _tight_case(*TIGHT[0])
+@pytest.mark.parametrize("case", TIGHT)
+def test_tight_route_keeps_the_circular_bound_when_lanczos_misses_the_top(case, min_band, monkeypatch):
+    """A Ritz value below the top (a bad estimate: 1% under the exact norm's square) fails both
+    proofs, whole or banded: the route gives up and the layer keeps its circular bound; never a
+    value below the norm."""
+    conv = _tight_case(*case)
     ref = exact(conv)
-    monkeypatch.setattr(convnorm, "_lanczos_top", lambda matvec, n: (ref**2 * 0.9, 0.0))
+    monkeypatch.setattr(convnorm, "_lanczos_top", lambda matvec, n: (ref**2 * 0.99, 0.0))
     assert convnorm.tight_conv_norm(conv, convnorm.circular_embedding_bound(conv)[0]) is None
 
 
