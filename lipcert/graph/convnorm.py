@@ -119,8 +119,7 @@ def prefetch_l2_norms(ops: list, workers: int = min(2, os.cpu_count() or 1), tig
     def cost(op) -> float:
         if not (tight and tight_applies(op) and not dense_is_cheap(op)):
             return _l2_cost(op)
-        side = min(op.in_dim, op.out_dim) // op.groups
-        return _l2_cost(op) + op.groups * side**3 / 4  # a tight layer's Cholesky proof first
+        return _l2_cost(op) + SideGram(op).proof_seconds() * TIGHT_FLOPS_PER_S  # its Cholesky proof's flops
 
     from .. import progress
 
