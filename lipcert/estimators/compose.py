@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from ..config import EPS, Settings, gamma
-from ..graph import Activation, Affine, Concat, Graph, MaxPool, Node, Sum
+from ..graph import Activation, Affine, Concat, Extremum, Graph, MaxPool, Node, NormPool, Sort, Sum
 from ..result import Result
 from .base import SAFETY, register
 from .naive import node_lipschitz_bounds
@@ -726,9 +726,9 @@ class _Walker:
             self.activation(n)
         elif isinstance(n, Affine):
             self.affine(n)
-        elif isinstance(n, MaxPool):
-            c = n.lipschitz("2")[0] * (1.0 + SAFETY)
-            self.record(n.name, "naive: max-pooling", self.scalar_step(self.states[n.inputs[0]], c))
+        elif isinstance(n, (MaxPool, Sort, NormPool)):  # their exact l2 constants, as naive takes them
+            c, _, how = n.lipschitz("2")
+            self.record(n.name, f"naive: {how}", self.scalar_step(self.states[n.inputs[0]], c * (1.0 + SAFETY)))
         elif isinstance(n, Sum):
             block = self.residual_block(n)
             if block is not None:
@@ -739,9 +739,10 @@ class _Walker:
                     self.visit(self.g.node(name))
             total = sum(abs(c) * _bound_of(self.states[i]) for c, i in zip(n.coeffs, n.inputs))
             self.record(n.name, "naive: sum over branches", 1.0 / total**2 if total > 0 else math.inf)
-        elif isinstance(n, Concat):
+        elif isinstance(n, (Concat, Extremum)):  # an elementwise max / min changes at most as the concatenation
             total = math.sqrt(sum(_bound_of(self.states[i]) ** 2 for i in n.inputs)) * (1.0 + SAFETY)
-            self.record(n.name, "naive: concatenation", 1.0 / total**2 if total > 0 else math.inf)
+            rule = "naive: concatenation" if isinstance(n, Concat) else f"naive: elementwise {n.mode} (as a concatenation)"
+            self.record(n.name, rule, 1.0 / total**2 if total > 0 else math.inf)
         else:  # pragma: no cover - every node type is handled above
             raise TypeError(f"no compositional rule for {type(n).__name__}")
 
