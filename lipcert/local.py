@@ -175,7 +175,9 @@ def _neg_slope(act: Activation) -> float:
 
 
 def _f(act: Activation, z: np.ndarray) -> np.ndarray:
-    return act.forward(torch.from_numpy(np.asarray(z, np.float64))).numpy()
+    """act on flat per-neuron values, in the activation's own shape (PReLU's per-channel slopes)."""
+    z = np.asarray(z, np.float64)
+    return act.forward(torch.from_numpy(z.reshape(-1, *act.out_shape[1:]))).numpy().reshape(z.shape)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
