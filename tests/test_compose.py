@@ -207,3 +207,24 @@ def test_wide_layer_then_narrow_output_is_one_inequality(act, monkeypatch):
     assert sdp * (1 - 1e-6) <= r.value < r.details["naive_value"]
     assert r.value >= _jacobian_lower(graph, 100)
 
+
+
+def test_a_tiny_prefix_does_not_overflow_into_a_bound_of_zero():
+    """17 orthogonal layers scaled by 1e-10, then 17 by 1e10 (tanh between: about linear near 0,
+    constant about 1): the prefix's scalar state 1 / L^2 = 1e340 used to overflow to inf, read as
+    "constant", and compose reported 0. Capped, it stays a proof above the witness."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i in range(34):
+        lin = torch.nn.Linear(3, 3).double()
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
+            lin.weight.copy_(q * (1e-10 if i < 17 else 1e10))
+            lin.bias.zero_()
+        layers += [lin, torch.nn.Tanh()] if i < 33 else [lin]
+    graph = lipcert.load(torch.nn.Sequential(*layers), (1, 3))
+    x = torch.ones(1, 1, 3, dtype=torch.float64)
+    witnessed = float((graph.forward(x) - graph.forward(0 * x)).norm() / x.norm())
+    assert witnessed > 0.99
+    for method in ("compose", "sdp-wide"):
+        assert lipcert.bound(graph, method).value >= witnessed

@@ -178,6 +178,17 @@ def test_nan_weights_are_refused():
         lipcert.load(one_node_model("Gemm", [1, 4], {"W": w}, ["W"], transB=1))
 
 
+@pytest.mark.parametrize("scale", [1e-165, 1e165])
+def test_layers_whose_squares_leave_float64_are_refused(scale):
+    """A layer whose largest weight is 1e-165 squares to 0 in float64 (a bound of 0 for a map that
+    is not constant); 1e165 overflows: both refused with the node and what to do."""
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        module[0].weight.mul_(scale)
+    with pytest.raises(ModelError, match="largest weight"):
+        lipcert.load(module, (1, 3))
+
+
 def test_dynamic_shape_needs_an_input_shape():
     model = one_node_model("Relu", [1, "n"])
     with pytest.raises(ModelError, match="dynamic"):

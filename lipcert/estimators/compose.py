@@ -89,6 +89,8 @@ def proven_psd(a: np.ndarray, err_fro: float = 0.0) -> bool:
     d = a.shape[0]
     if d == 0:
         return True
+    if not (np.isfinite(a).all() and math.isfinite(err_fro)):
+        return False
     diag = np.abs(np.diag(a)).copy()
     diag[~(diag > 0)] = 1.0
     D = np.exp2(-np.round(np.log2(np.sqrt(diag))))
@@ -220,14 +222,14 @@ def linear_to_scalar(X: np.ndarray, W: np.ndarray) -> float | None:
     if chol is None:
         return None
     t0 = max(_lam_max(_whiten(chol, G)), 0.0)
-    if t0 == 0.0:
-        return math.inf
+    if t0 == 0.0:  # a zero map is constant; anything else underflowed: no proof
+        return math.inf if not W.any() else None
     for rel in MARGINS:
         t = t0 * (1.0 + rel)
         A = t * X - G
         err = err_g + 2 * EPS * (t * float(np.linalg.norm(X, "fro")) + float(np.linalg.norm(G, "fro")))
         if proven_psd(A, err):
-            return 1.0 / t
+            return _finite_state(1.0 / t)
     return None
 
 
@@ -299,6 +301,8 @@ def chain_from_scalar(x: float, W: np.ndarray, m: float) -> np.ndarray | None:
         return None
     lam = x / (2.0 * m * m * s)
     c = m * m * lam * lam
+    if not math.isfinite(c):  # a state near MU_MAX over a tiny layer: no finite multiplier
+        return None
     for rel in MARGINS:
         Y = -(c / x) * G
         Y[np.diag_indices(n1)] += lam * (1.0 - rel)
@@ -481,6 +485,21 @@ def _slopes(node: Activation) -> tuple[float, float]:
     return float(a), float(b)
 
 
+# A scalar state mu (||dy||^2 <= ||du||^2 / mu) of inf says "constant": one that overflowed from
+# finite numbers would say it of a map that is not (a bound of 0). Capped here, the state only
+# gets smaller: still proven.
+MU_MAX = 1e300
+
+
+def _finite_state(mu: float) -> float:
+    return min(mu, MU_MAX)
+
+
+def _state_of_bound(total: float) -> float:
+    """The scalar state of a proven constant ``total`` (0: constant, inf)."""
+    return math.inf if total == 0 else _finite_state(1.0 / total / total)
+
+
 def _bound_of(state: State) -> float:
     mu = scalar_of(state)
     return math.inf if mu <= 0 else (1.0 / math.sqrt(mu)) * (1.0 + SAFETY)
@@ -530,7 +549,9 @@ class _Walker:
     def scalar_step(self, prev: State, factor: float) -> float:
         """The naive rule: ||dy|| <= factor ||du||."""
         mu = scalar_of(prev)
-        return mu / (factor * factor) * (1.0 - 4 * EPS) if factor > 0 else math.inf
+        if factor == 0 or mu == math.inf:  # a constant map, or a constant input
+            return math.inf
+        return _finite_state(mu / factor / factor * (1.0 - 4 * EPS))
 
     def activation(self, node: Activation) -> State:
         a, b = _slopes(node)
@@ -738,11 +759,11 @@ class _Walker:
                 if not self.skipped(self.g.node(name)):
                     self.visit(self.g.node(name))
             total = sum(abs(c) * _bound_of(self.states[i]) for c, i in zip(n.coeffs, n.inputs))
-            self.record(n.name, "naive: sum over branches", 1.0 / total**2 if total > 0 else math.inf)
+            self.record(n.name, "naive: sum over branches", _state_of_bound(total))
         elif isinstance(n, (Concat, Extremum)):  # an elementwise max / min changes at most as the concatenation
             total = math.sqrt(sum(_bound_of(self.states[i]) ** 2 for i in n.inputs)) * (1.0 + SAFETY)
             rule = "naive: concatenation" if isinstance(n, Concat) else f"naive: elementwise {n.mode} (as a concatenation)"
-            self.record(n.name, rule, 1.0 / total**2 if total > 0 else math.inf)
+            self.record(n.name, rule, _state_of_bound(total))
         else:  # pragma: no cover - every node type is handled above
             raise TypeError(f"no compositional rule for {type(n).__name__}")
 

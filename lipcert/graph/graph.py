@@ -13,6 +13,9 @@ from .linear import Composed, LinearOp
 from .nodes import Activation, Affine, Concat, Extremum, MaxPool, Node, NormPool, Sort, Sum, finite
 
 
+WEIGHT_RANGE = (1e-100, 1e100)  # largest |weight| of a layer, where float64 squares stay normal
+
+
 @dataclass
 class Graph:
     """A DAG of typed nodes with static shapes, in topological order.
@@ -133,13 +136,30 @@ class Graph:
         return Graph(merged, self.input_shape, self.output, self.source, self.sha256, list(self.warnings))
 
     def check(self) -> None:
-        """Raise ModelError naming every node with non-finite parameters."""
+        """Raise ModelError naming every node with non-finite parameters, or with weights whose squares
+        would leave float64 (WEIGHT_RANGE)."""
         bad = [f"{n.name} ({n.op})" for n in self.nodes if not all(finite(t) for t in n.parameters())]
         if bad:
             raise ModelError(
                 f"the model has NaN or infinite weights in {len(bad)} node(s): {', '.join(bad)}",
                 self.source,
                 "retrain or repair the model; no bound can be computed for non-finite weights",
+            )
+        # the proofs square weights in float64: a layer whose weights are all below 1e-100 (or one
+        # above 1e100) would underflow (overflow) there, and a bound of 0 is not a proof
+        extreme = []
+        for n in self.nodes:
+            if isinstance(n, Affine):
+                top = max((float(t.abs().max()) for t in n.lin.parameters() if t.numel()), default=0.0)
+                if top != 0.0 and not WEIGHT_RANGE[0] <= top <= WEIGHT_RANGE[1]:
+                    extreme.append(f"{n.name} ({n.op}, largest weight {top:.3g})")
+        if extreme:
+            raise ModelError(
+                f"the model has layers whose largest weight lies outside [{WEIGHT_RANGE[0]:g}, {WEIGHT_RANGE[1]:g}] in "
+                f"{len(extreme)} node(s): {', '.join(extreme)}",
+                self.source,
+                "rescale those layers (multiply one by a power of ten and divide the next by it); float64 proofs "
+                "would underflow or overflow on them",
             )
 
     def summary(self) -> list[dict]:

@@ -177,7 +177,11 @@ def solve_cvxpy(problem: LipSDPProblem, variant: str, solver: str, opts: dict[st
     if prob.status not in ("optimal", "optimal_inaccurate") or any(lam.value is None for lam in lams):
         return None, info
     values = [np.broadcast_to(np.asarray(lam.value, np.float64), (n,)).copy() for lam, n in zip(lams, widths[1:])]
-    return unscale_multipliers(values, c), info
+    try:
+        return unscale_multipliers(values, c), info
+    except OverflowError:
+        info["status"] = "the layer norms span more decades than float64 holds: the multipliers overflow"
+        return None, info
 
 
 def _propose(problem: LipSDPProblem, variant: str, solver: str, opts: dict[str, Any]) -> tuple[list[np.ndarray] | None, dict[str, Any]]:
