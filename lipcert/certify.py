@@ -532,6 +532,10 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
         raise InputError(f"{len(labels)} labels for {len(xs)} inputs", graph.source, "give one label per input")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise InputError(f"labels must lie in 0..{logits.shape[1] - 1}", graph.source, "check the labels")
+    if constants is not None and (constants.norm != norm or constants.matrix.shape != (logits.shape[1],) * 2):
+        raise InputError(f"the constants given are for the {constants.norm} norm and {len(constants.matrix)} classes, "
+                         f"not the {norm} norm and {logits.shape[1]} classes", graph.source,
+                         "pass constants computed by pairwise_constants for this model and norm")
     consts = constants or pairwise_constants(graph, norm, method, settings, proven=proven, budget=budget,
                                              points=(logits, labels) if pairs == "binding" else None, jobs=jobs)
     radii, global_radii = np.zeros(len(xs)), np.zeros(len(xs))

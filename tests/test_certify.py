@@ -65,6 +65,11 @@ def test_misclassified_points_get_radius_zero():
         certified_radius(graph, x, np.full(30, 7))
     with pytest.raises(lipcert.InputError, match="labels for"):
         certified_radius(graph, x, labels[:3])
+    # constants reused from another norm would give radii in the wrong norm: refused
+    linf = pairwise_constants(graph, "inf", "naive")
+    with pytest.raises(lipcert.InputError, match="constants given are for the inf norm"):
+        certified_radius(graph, x, norm=2, constants=linf)
+    assert np.allclose(certified_radius(graph, x, norm="inf", constants=linf).radii, certified_radius(graph, x, norm="inf", method="naive").radii)
 
 
 @pytest.fixture(scope="module")

@@ -195,8 +195,8 @@ def _dense_of(node: Affine) -> np.ndarray | None:
 
 def layer_norm(node: Affine) -> float:
     """The layer's proven l2 norm, enlarged by SAFETY: for a dense matrix the square root of the
-    largest eigenvalue of its smaller Gram matrix in float64 (one BLAS thread; equal to the largest
-    singular value to within n eps relative, far inside SAFETY), otherwise the operator's own
+    largest eigenvalue of its smaller Gram matrix in float64 (one BLAS thread), enlarged by the
+    Gram matrix's rounding allowance, otherwise the operator's own
     proven bound (exact or the FFT bound of a large convolution)."""
     cache = node.lin.__dict__.setdefault("_compose_norm", {})
     if "2" not in cache:
@@ -205,7 +205,9 @@ def layer_norm(node: Affine) -> float:
             cache["2"] = node.lin.norm_bound("2")[0]
         else:
             g = _mm(W, W.T) if W.shape[0] <= W.shape[1] else _mm(W.T, W)
-            cache["2"] = math.sqrt(max(_lam_max(g), 0.0)) if g.size else 0.0
+            # forming g moves it by at most (big + 2) eps |W|^T |W|: as convnorm.max_singular
+            margin = 1.0 + 2.0 * (max(W.shape) + 2) * min(W.shape) * EPS
+            cache["2"] = math.sqrt(max(_lam_max(g), 0.0)) * margin if g.size else 0.0
     return cache["2"] * (1.0 + SAFETY)
 
 

@@ -188,7 +188,7 @@ def verify(problem: LipSDPProblem, lambdas: list[np.ndarray] | np.ndarray) -> Ve
     # relative to each block's own magnitude, which matters when the multipliers of different
     # layers span many decades (ACAS Xu: 1e-2 .. 1e10).
     d = problem.dim
-    n_max = max(problem.widths) + 2
+    n_max = max(*problem.widths, problem.weights[-1].shape[0]) + 2  # W_l^T W_l sums over the output rows
     Da, Ba = problem.assemble_blocks(lams, absolute=True)
     scale = max(rho_star, max(float(np.abs(np.diag(Dk)).max()) for Dk in D), 1e-300)
     for rel in (SAFETY, 1e-7, 1e-5, 1e-3):
