@@ -196,9 +196,9 @@ class MaxMin(torch.nn.Module):
         return torch.cat([torch.relu(x), torch.relu(-x)], 1)
 
 
-@pytest.mark.parametrize("act", ["gs2", "full", "gs4", "maxmin"])
+@pytest.mark.parametrize("act", ["gs2", "full", "gs4", "maxmin", "chunk-maxmin"])
 def test_gradient_norm_preserving_network_bound_is_one(act):
-    layer = {"gs2": GroupSort(2), "full": GroupSort(8), "gs4": GroupSort(4), "maxmin": MaxMin()}[act]
+    layer = {"gs2": GroupSort(2), "full": GroupSort(8), "gs4": GroupSort(4), "maxmin": MaxMin(), "chunk-maxmin": ChunkMaxMin()}[act]
     width = 16 if act == "maxmin" else 8
     module = torch.nn.Sequential(orthogonal_linear(8), layer, orthogonal_linear(width, 8, 1), GroupSort(2) if act != "maxmin" else torch.nn.Identity(),
                                  orthogonal_linear(8, 8, 2))
@@ -398,7 +398,20 @@ class ChunkMaxMin(torch.nn.Module):
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], 1)
 
 
-@pytest.mark.parametrize("net", ["chunk-maxmin", "groupsort3", "lppool"])
+class TwoSourceMinMax(torch.nn.Module):
+    """The min and the max of two different activations' outputs: a sort of pairs whose two
+    sides are not affine in one tensor (the pairs stay a Concat)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = torch.nn.Linear(4, 5), torch.nn.Linear(4, 5), torch.nn.Linear(10, 3)
+
+    def forward(self, x):
+        a, b = torch.relu(self.a(x)), torch.tanh(self.b(x))
+        return self.out(torch.cat([torch.minimum(a, b), torch.maximum(b, a)], 1))
+
+
+@pytest.mark.parametrize("net", ["chunk-maxmin", "groupsort3", "lppool", "two-source-minmax"])
 def test_every_method_bounds_sorting_pooling_and_extremum_networks(net):
     """Every method of ``--method all`` runs (the compositional walk has a rule for Sort, NormPool
     and elementwise Max/Min) and every proven bound lies above the witnessed lower bound; l2
@@ -411,6 +424,7 @@ def test_every_method_bounds_sorting_pooling_and_extremum_networks(net):
         "groupsort3": (torch.nn.Sequential(torch.nn.Linear(4, 6), GroupSort(3), torch.nn.Linear(6, 3)), (1, 4)),
         "lppool": (torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.LPPool2d(2, 2), torch.nn.Flatten(),
                                        torch.nn.Linear(16, 3)), (1, 2, 4, 4)),
+        "two-source-minmax": (TwoSourceMinMax(), (1, 4)),
     }[net]
     graph = lipcert.load(module.double(), shape)
     assert any(isinstance(n, (Sort, NormPool, Extremum)) for n in graph.nodes)

@@ -5,7 +5,8 @@
   Its parts (a square, a square root) are not globally Lipschitz, the whole is: it becomes one
   ``NormPool`` node. Found on the ONNX graph before conversion (``find_l2_pools``).
 * **Sorting idioms** (deel-torchlip's ``GroupSort2`` and ``MaxMin``): a ``Concat`` of the min and
-  the max of the same groups, or of ``relu(x)`` and ``relu(-x)``. Converted node by node they are
+  the max of the same groups, of ``relu(x)`` and ``relu(-x)``, or of the elementwise max and min
+  of two tensors. Converted node by node they are
   two branches whose constants add (sqrt(2) in l2); as one sort the constant is 1 in every lp.
   Rewritten on lipcert's nodes after conversion (``fuse_idioms``).
 """
@@ -20,7 +21,7 @@ from onnx import numpy_helper
 
 import torch
 
-from ..graph import Activation, Affine, Composed, Concat, Node, Pad, Reshape, Scale, Sort, Sum
+from ..graph import Activation, Affine, Composed, Concat, Extremum, Node, Pad, Reshape, Scale, Sort, Sum
 from ..graph.linear import Branches
 
 
@@ -165,6 +166,31 @@ def _maxmin(concat: Concat, by_name: dict[str, Node], unique) -> list[Node] | No
     return [embed, sort, out]
 
 
+def _extremum_pair(concat: Concat, by_name: dict[str, Node], unique) -> list[Node] | None:
+    """Concat(max(a, b), min(a, b)) (either order) along axis k: MaxMin written with elementwise
+    Max and Min (``torch.maximum`` / ``torch.minimum`` of two halves). Node by node the two
+    extrema count a and b twice (sqrt(2) more in l2); as one sort of each pair (a_i, b_i) the
+    constant is that of the pair tensor. Built as: a and b side by side on a new axis before k
+    (one affine node when both are affine in a common tensor, else a Concat), the sort of each
+    pair, and a reshape into the concat's layout (max first when the max comes first)."""
+    parts = [by_name.get(i) for i in concat.inputs]
+    if len(parts) != 2 or not all(isinstance(p, Extremum) and len(p.inputs) == 2 for p in parts):
+        return None
+    a, b = parts[0].inputs
+    if {p.mode for p in parts} != {"max", "min"} or set(parts[1].inputs) != {a, b} or a == b:
+        return None
+    shape, k = parts[0].out_shape, concat.axis
+    lifted, pairs = shape[:k] + (1,) + shape[k:], shape[:k] + (2,) + shape[k:]
+    lifts = [Affine(name=unique(f"{concat.name}:{i}"), op="MaxMin", inputs=[i], out_shape=lifted, lin=Reshape(shape, lifted)) for i in (a, b)]
+    stack = Concat(name=unique(f"{concat.name}:pairs"), op="MaxMin", inputs=[n.name for n in lifts], out_shape=pairs, axis=k)
+    by_name.update({n.name: n for n in lifts})
+    stack_nodes = _linear_branches(stack, by_name) or [*lifts, stack]
+    sort = Sort(name=unique(f"{concat.name}:sort"), op="MaxMin", inputs=[stack.name], out_shape=pairs, axis=k,
+                ranks=(1, 0) if parts[0].mode == "max" else (0, 1), in_shape=pairs)
+    out = Affine(name=concat.name, op="MaxMin", inputs=[sort.name], out_shape=concat.out_shape, lin=Reshape(pairs, concat.out_shape))
+    return [*stack_nodes, sort, out]
+
+
 def _sort_concat(concat: Concat, by_name: dict[str, Node]) -> list[Node] | None:
     """Concat of order statistics of the same groups, along the sorted axis: one Sort."""
     parts = [by_name.get(i) for i in concat.inputs]
@@ -241,7 +267,7 @@ def fuse_idioms(nodes: list[Node], taken: set[str]) -> list[Node]:
     for n in nodes:
         new = None
         if isinstance(n, Concat):
-            new = _sort_concat(n, by_name) or _maxmin(n, by_name, unique)
+            new = _sort_concat(n, by_name) or _maxmin(n, by_name, unique) or _extremum_pair(n, by_name, unique)
         if isinstance(n, (Sum, Concat)) and not new:
             new = _linear_branches(n, by_name)
         if new:
