@@ -423,3 +423,28 @@ def test_tight_route_in_one_and_three_dimensions(spatial, k, stride):
     out = convnorm.tight_conv_norm(conv, circ * 1.1)  # the route runs even where the circular bound is close
     assert out is not None and out[1]
     assert ref <= out[0] * SAFE <= ref * (1 + 1e-5)
+
+
+# --- circular padding (torch's padding_mode="circular": slices and concatenations, then a Conv) ---
+@pytest.mark.parametrize("nd, k, stride, dilation, n", [(2, 3, 1, 1, 6), (2, 3, 2, 1, 6), (2, 3, 1, 2, 6), (2, 5, 1, 1, 6),
+                                                        (1, 3, 1, 1, 9), (2, 3, 1, 1, 16)])
+def test_circularly_padded_convolution_is_one_exact_circular_convolution(nd, k, stride, dilation, n):
+    """Node by node the circular padding alone counts up to 2 (its corners are copied four
+    times); fused into one circular convolution, every norm is the exact one of the dense
+    Jacobian (l2 from the FFT, l1 and linf from |kernel|), and never below it."""
+    import lipcert
+    from lipcert.graph.linear import CircularConv
+
+    torch.manual_seed(k * 10 + n)
+    conv_cls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d}[nd]
+    conv = conv_cls(2, 3, k, stride=stride, dilation=dilation, padding=dilation * (k // 2), padding_mode="circular").double()
+    shape = (1, 2) + (n,) * nd
+    graph = lipcert.load(torch.nn.Sequential(conv, torch.nn.ReLU()), shape)
+    lin = graph.nodes[0].lin
+    assert isinstance(lin, CircularConv) and len(graph.nodes) == 2
+    jac = torch.autograd.functional.jacobian(lambda x: conv(x.reshape(shape)).reshape(-1), torch.zeros(math.prod(shape), dtype=torch.float64))
+    for p, order in (("2", 2), ("inf", math.inf), ("1", 1)):
+        ref = float(torch.linalg.matrix_norm(jac, order))
+        value, is_exact, _ = lin.norm_bound(p)
+        assert is_exact and ref <= value * SAFE <= ref * (1 + 1e-8)
+        assert lipcert.bound(graph, "naive", norm=p).value >= ref

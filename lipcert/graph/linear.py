@@ -393,6 +393,61 @@ class Conv(LinearOp):
         return self.exact_norm(p), True, "|kernel| on ones"
 
 
+class CircularConv(LinearOp):
+    """A convolution without padding of a circularly padded input (``pad``: a selection with
+    out[c, i] = in[c, (i - p) mod n], see load.patterns): the circular convolution on the
+    input's grid n. Its l2 norm is exact from the FFT (convnorm.circular_conv_norm: the offset p
+    is a circular shift, an isometry); node by node the padding alone would count up to 2."""
+
+    kind = "circular conv"
+
+    def __init__(self, pad: LinearOp, conv: Conv) -> None:
+        if not self.covers(pad.in_shape, conv) or pad.out_shape != conv.in_shape:
+            raise ValueError(f"{conv.describe()} after {pad.describe()} is not a circular convolution on {pad.in_shape}")
+        self.pad, self.conv = pad, conv
+        self.in_shape, self.out_shape = pad.in_shape, conv.out_shape
+
+    @staticmethod
+    def covers(grid_shape: tuple[int, ...], conv: Conv) -> bool:
+        """Whether ``conv`` (unpadded, not transposed) on a circular padding of ``grid_shape`` is
+        the circular convolution there: every stride divides the grid, the outputs are grid /
+        stride, and the dilated kernel fits the grid (no tap wraps onto another)."""
+        grid = grid_shape[2:]
+        spans = [(k - 1) * d + 1 for k, d in zip(conv.weight.shape[2:], conv.dilations)]
+        return (not conv.transposed and not any(conv.begins) and not any(conv.ends) and len(grid) == conv.nd
+                and all(n % s == 0 and o == n // s and k <= n for n, s, o, k in zip(grid, conv.strides, conv.out_shape[2:], spans)))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv.apply(self.pad.apply(x))
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self.pad.adjoint(self.conv.adjoint(y))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.conv.parameters()
+
+    def norm_bound(self, p: str) -> tuple[float, bool, str]:
+        if p == "2":
+            from .convnorm import circular_conv_norm, grouped_kernel
+
+            value, exact = circular_conv_norm(grouped_kernel(self.conv), list(self.in_shape[2:]), self.conv.strides)
+            return value, exact, "circular convolution (fft)"
+        # |A| = |C P| <= |C| P entrywise, equal when no two taps meet (covers()): row / column sums
+        absw = self.conv.weight.abs()
+        if p == "inf":
+            rows = self.conv._conv(self.pad.apply(torch.ones((1, *self.in_shape), dtype=torch.float64)), absw)
+            return float(rows.max()), True, "|kernel| on ones"
+        cols = self.pad.adjoint(self.conv._conv_adjoint(torch.ones((1, *self.out_shape), dtype=torch.float64), absw))
+        return float(cols.max()), True, "|kernel| on ones"
+
+    def exact_norm(self, p: str) -> float | None:
+        value, exact, _ = self.norm_bound(p)
+        return value if exact else None
+
+    def describe(self) -> str:
+        return f"circular {self.conv.describe()}"
+
+
 def fft_conv_bound(conv: Conv) -> float:
     """Proven l2 bound for a zero-padded (possibly strided, dilated, grouped, transposed)
     convolution: the exact norm of the circular convolution it embeds in (see convnorm)."""

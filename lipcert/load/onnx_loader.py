@@ -16,7 +16,7 @@ from ..errors import InputError, ModelError, UnsupportedModelError
 from ..graph import Graph
 from ..graph.nodes import Node
 from . import onnx_ops  # noqa: F401  (fills the registry)
-from .patterns import find_l2_pools, fuse_idioms
+from .patterns import find_l2_pools, fuse_circular_convs, fuse_idioms
 from .registry import Unsupported, find_converter, supported_ops
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = 
     output = ctx.vars[out_name]
     if output == Graph.INPUT:
         raise UnsupportedModelError([("(graph)", where, "the network is the identity: nothing to bound")])
-    ctx.nodes = fuse_idioms(ctx.nodes, set(ctx.shapes))
+    ctx.nodes = fuse_idioms(ctx.nodes, ctx.shapes)
     # keep only the nodes the output depends on
     needed, stack = set(), [output]
     by_name = {n.name: n for n in ctx.nodes}
@@ -254,7 +254,7 @@ def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = 
             continue
         needed.add(name)
         stack.extend(by_name[name].inputs)
-    nodes = [n for n in ctx.nodes if n.name in needed]
+    nodes = fuse_circular_convs([n for n in ctx.nodes if n.name in needed])
     graph = Graph(nodes, shape, output, source, sha256)
     graph.check()
     return graph

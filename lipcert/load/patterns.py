@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ from onnx import numpy_helper
 import torch
 
 from ..graph import Activation, Affine, Composed, Concat, Extremum, Node, Pad, Reshape, Scale, Sort, Sum
-from ..graph.linear import Branches
+from ..graph.linear import Branches, CircularConv, Conv, LinearOp
 
 
 # --- L2-norm pooling on the ONNX graph ---------------------------------------------------------------
@@ -212,7 +213,7 @@ def _affine_chain(name: str, by_name: dict[str, Node]) -> list[str]:
     return chain
 
 
-def _linear_branches(join: Node, by_name: dict[str, Node]) -> list[Node] | None:
+def _linear_branches(join: Node, by_name: dict[str, Node], shapes: dict[str, tuple[int, ...]] | None = None) -> list[Node] | None:
     """A Sum or Concat whose inputs are affine paths from one common tensor: one Affine node
     (the same function; its exact norm can be far below the branches' added bounds)."""
     if len(join.inputs) < 2:
@@ -224,8 +225,8 @@ def _linear_branches(join: Node, by_name: dict[str, Node]) -> list[Node] | None:
     ops, biases = [], []
     for chain in chains:
         path = [by_name[n] for n in reversed(chain[: chain.index(common)])]
-        if not path:
-            shape = by_name[common].out_shape if common in by_name else None
+        if not path:  # the common tensor itself (a node, or the graph's input)
+            shape = by_name[common].out_shape if common in by_name else (shapes or {}).get(common)
             if shape is None:
                 return None
             ops.append(Reshape(shape, shape))
@@ -248,11 +249,85 @@ def _linear_branches(join: Node, by_name: dict[str, Node]) -> list[Node] | None:
     return [Affine(name=join.name, op=f"{join.op}(linear branches)", inputs=[common], out_shape=join.out_shape, lin=lin, bias=bias)]
 
 
-def fuse_idioms(nodes: list[Node], taken: set[str]) -> list[Node]:
+# --- circular padding ----------------------------------------------------------------------------------
+def _selection(op: LinearOp) -> bool:
+    """Whether ``op`` copies each output entry from one input entry or sets it to 0 (slices,
+    zero pads, reshapes, concatenations of such): then A applied to 1, 2, ..., n names every
+    output's source exactly."""
+    if isinstance(op, (Pad, Reshape)):
+        return True
+    if isinstance(op, Composed):
+        return all(_selection(o) for o in op.ops)
+    if isinstance(op, Branches):
+        return op.axis is not None and all(c == 1.0 for c in op.coeffs) and all(_selection(o) for o in op.ops)
+    return False
+
+
+def _circular_shift(op: LinearOp) -> tuple[int, ...] | None:
+    """For a selection ``op`` from (1, C, *n) to (1, C, *m) with m >= n, the begin pads p such
+    that out[c, i] = in[c, (i - p) mod n] for every entry (torch's circular padding), else None."""
+    shape_in, shape_out = op.in_shape, op.out_shape
+    if len(shape_in) < 3 or shape_in[:2] != shape_out[:2] or any(m < n for n, m in zip(shape_in[2:], shape_out[2:])):
+        return None
+    count = math.prod(shape_in)
+    with torch.no_grad():
+        source = op.apply(torch.arange(1, count + 1, dtype=torch.float64).reshape(1, *shape_in))[0].round().long() - 1
+    first = np.unravel_index(int(source.reshape(-1)[0]), shape_in)  # the source of out[0, 0, 0, ...]
+    if any(first[:2]):
+        return None
+    n = shape_in[2:]
+    begins = tuple(int((-i) % k) for i, k in zip(first[2:], n))
+    grids = torch.meshgrid(*[torch.arange(c) for c in shape_out], indexing="ij")
+    expected = grids[0] * 0 + grids[1]  # batch 0, channel c, then (i - p) mod n per spatial axis
+    for axis, (p, k) in enumerate(zip(begins, n)):
+        expected = expected * k + (grids[axis + 2] - p) % k
+    return begins if bool((source == expected).all()) else None
+
+
+def fuse_circular_convs(nodes: list[Node]) -> list[Node]:
+    """Every convolution of a circularly padded tensor as one circular convolution (see
+    _circular_conv), on the pruned nodes (every reader counted is a live one); the padding nodes
+    it absorbs (read by it alone) are dropped."""
+    by_name = {n.name: n for n in nodes}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    fused: dict[str, Node] = {}
+    absorbed: set[str] = set()
+    for n in nodes:
+        if isinstance(n, Affine) and isinstance(n.lin, Conv) and (found := _circular_conv(n, by_name, readers)) is not None:
+            fused[n.name], chain = found
+            absorbed.update(chain)
+    return [fused.get(n.name, n) for n in nodes if n.name not in absorbed]
+
+
+def _circular_conv(conv: Affine, by_name: dict[str, Node], readers: dict[str, int]) -> tuple[Affine, list[str]] | None:
+    """A convolution without padding of a tensor padded circularly (torch's
+    ``padding_mode="circular"`` exports slices and concatenations): one circular convolution,
+    whose exact l2 norm comes from the FFT (node by node, the padding alone has norm up to 2);
+    with the names of the padding nodes it replaces."""
+    if conv.lin.transposed or any(conv.lin.begins) or any(conv.lin.ends):
+        return None
+    chain: list[Affine] = []  # the single-reader selection nodes above the convolution, nearest first
+    name = conv.inputs[0]
+    while isinstance(node := by_name.get(name), Affine) and node.bias is None and readers.get(name) == 1 and _selection(node.lin):
+        chain.append(node)
+        name = node.inputs[0]
+    for k in range(len(chain), 0, -1):  # the longest chain that pads circularly
+        pad = Composed([n.lin for n in reversed(chain[:k])])
+        if _circular_shift(pad) is not None and CircularConv.covers(pad.in_shape, conv.lin):
+            fused = Affine(name=conv.name, op=f"{conv.op}(circular padding)", inputs=chain[k - 1].inputs, out_shape=conv.out_shape,
+                           lin=CircularConv(pad, conv.lin), bias=conv.bias)
+            return fused, [n.name for n in chain[:k]]
+    return None
+
+
+def fuse_idioms(nodes: list[Node], shapes: dict[str, tuple[int, ...]]) -> list[Node]:
     """Replace every sorting idiom by the equivalent sort, and linear branches by one affine node
-    (same output name, same function).
-    ``taken``: names in use (new node names avoid them). Nodes left unread are pruned later."""
-    names = set(taken) | {n.name for n in nodes}
+    (same output name, same function). ``shapes``: every name in use (new node names avoid them)
+    and its shape. Nodes left unread are pruned later."""
+    names = set(shapes) | {n.name for n in nodes}
 
     def unique(base: str) -> str:
         name, k = base, 1
@@ -269,7 +344,8 @@ def fuse_idioms(nodes: list[Node], taken: set[str]) -> list[Node]:
         if isinstance(n, Concat):
             new = _sort_concat(n, by_name) or _maxmin(n, by_name, unique) or _extremum_pair(n, by_name, unique)
         if isinstance(n, (Sum, Concat)) and not new:
-            new = _linear_branches(n, by_name)
+            new = _linear_branches(n, by_name, shapes)
+
         if new:
             out.extend(new)
             by_name.update({m.name: m for m in new})
