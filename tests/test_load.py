@@ -232,3 +232,24 @@ def test_graph_disagreeing_with_onnxruntime_is_refused(monkeypatch):
     monkeypatch.setattr(nodes.Activation, "forward", lambda self, x: x)  # a broken ReLU
     with pytest.raises(ModelError, match="disagrees with onnxruntime"):
         lipcert.load(one_node_model("Relu", [1, 8]))
+
+
+def test_linear_branches_of_the_graph_input_are_one_exact_layer():
+    """x - conv(x) with x the network's input: the two branches (one of them the input itself)
+    are one linear map whose exact norm is taken, not the sum of the branches' norms."""
+
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            return x - self.conv(x)
+
+    torch.manual_seed(0)
+    module = Residual().double()
+    graph = lipcert.load(module, (1, 2, 5, 5))
+    jac = torch.autograd.functional.jacobian(lambda x: module(x.reshape(1, 2, 5, 5)).reshape(-1), torch.zeros(50, dtype=torch.float64))
+    exact = float(torch.linalg.matrix_norm(jac, 2))
+    assert len(graph.nodes) == 1
+    assert exact <= lipcert.bound(graph, "naive").value <= exact * (1 + 1e-8)
