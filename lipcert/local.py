@@ -202,7 +202,12 @@ def slopes_on(act: Activation, l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray
         return np.maximum(d(far) - tol, 0.0), d(near) + tol
     if k == "softplus":
         return np.maximum(_sigmoid(l) - 1e-12, 0.0), np.minimum(_sigmoid(u) + 1e-12, 1.0)
-    a, b = act.slope_interval  # prelu, elu, clip: the global interval is always valid
+    if k == "prelu" and l.size == math.prod(act.out_shape):  # a leaky ReLU per channel
+        a = np.broadcast_to(act.params["slope"].numpy(), act.out_shape).ravel()
+        alpha = np.where(l > 0, 1.0, np.where(u < 0, a, np.minimum(a, 1.0)))
+        beta = np.where(l > 0, 1.0, np.where(u < 0, a, np.maximum(a, 1.0)))
+        return alpha, beta
+    a, b = act.slope_interval  # elu, clip: the global interval is always valid
     return np.full(l.shape, a), np.full(l.shape, b)
 
 

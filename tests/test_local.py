@@ -333,7 +333,7 @@ def test_channelwise_prelu_after_a_convolution_gets_global_and_local_bounds():
     with torch.no_grad():
         module[1].weight.copy_(torch.tensor([-3.0, 0.5]))
     graph = lipcert.load(module, (1, 1, 3, 3))
-    low = lipcert.lower_bound(graph, norm=2).value
+    low = lipcert.lower_bound(graph, norm=2, starts=8, steps=30).value
     sdp = lipcert.bound(graph, "sdp", norm=2)
     assert sdp.certified and low <= sdp.value <= lipcert.bound(graph, "naive", norm=2).value * (1 + 1e-9)
     rng = np.random.default_rng(0)
@@ -342,3 +342,7 @@ def test_channelwise_prelu_after_a_convolution_gets_global_and_local_bounds():
     local = local_bound(graph, center, 0.5, norm=2)
     sampled = max(op_norm(J, "2") for J in jacobians(graph, sample_region(region, 60, rng)))
     assert sampled <= local.value
+    # at a point (radius 0) every neuron is stable: per-channel slopes, not the widest interval
+    point = local_bound(graph, center, 0.0, norm=2)
+    assert point.details["unstable_neurons"] == [0, 0]
+    assert op_norm(jacobians(graph, center[None])[0], "2") <= point.value <= sdp.value
