@@ -114,7 +114,7 @@ def format_results(results: list[Result], layers: bool = False, best: str | None
                  "" if layer.cumulative is None else f"{layer.cumulative:.6g}"]
                 for layer in r.layers
             ]
-            out += f"\n\nper-layer norms ({r.method}, l{r.norm}):\n" + _table(lrows, ["node", "op", "norm", "", "how", "bound so far"])
+            out += f"\n\nper-layer norms ({r.method}, l{r.norm}):\n" + _table(lrows, ["node", "op", "norm", "exact?", "how", "bound so far"])
         for w in r.warnings:
             out += f"\nnote ({r.method}): {w}"
     return out
