@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 from lipcert.cli import main
-from conftest import SHARED_MODELS
+from conftest import MODELS, SHARED_MODELS
 from onnx_helpers import f32, graph_model, one_node_model
 
 VNN = SHARED_MODELS / "vnncomp2021"
@@ -100,6 +100,14 @@ def test_refuses_truncated_file(tmp_path):
     data = (VNN / "mnist-net_256x2.onnx").read_bytes()
     p.write_bytes(data[:1000])
     _error(run("bound", p), "could not read", "cut.onnx", "What to do")
+
+
+def test_external_data_is_read_beside_the_model_and_a_missing_file_is_named(tmp_path):
+    p = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(str(MODELS / "mlp_spiral.onnx")), str(p), save_as_external_data=True, location="ext.data", size_threshold=0)
+    assert run("bound", p).exit_code == 0  # read from the model's folder, not the working directory
+    (tmp_path / "ext.data").unlink()
+    _error(run("bound", p), "missing: ext.data", "What to do")
 
 
 def test_refuses_non_onnx_file(tmp_path):
