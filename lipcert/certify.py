@@ -523,6 +523,9 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     check_choice("certified_radius", "pairs", pairs, ("binding", "all"))
     graph = load(model, input_shape)  # a Graph comes back as is
     norm = normalize_norm(norm, "certified_radius")
+    if graph.output_dim < 2:  # a radius is a margin between two classes' scores
+        raise InputError(f"certified radii need a classifier with at least 2 outputs (one score per class); this model has {graph.output_dim}",
+                         graph.source, "certify a classifier whose output holds one score per class")
     xs = torch.from_numpy(input_batch(graph, x))
     with torch.no_grad():
         logits = graph.forward(xs).reshape(len(xs), -1).numpy()

@@ -15,7 +15,7 @@ import lipcert
 from lipcert.certify import certified_radius, certify, pairwise_constants
 from lipcert.config import Settings
 from lipcert.cli import main
-from conftest import MODELS
+from conftest import MODELS, SHARED_MODELS
 
 DUAL = {"2": 2, "inf": 1}
 
@@ -155,6 +155,15 @@ def test_cli_certify_json(spiral):
     assert len(out["points"]) == len(spiral[1])
     assert out["lipschitz"]["global_method"] == "sdp" and len(out["lipschitz"]["pairwise"]) == 3
     assert len(out["curve"]["radius"]) == len(out["curve"]["certified_accuracy"])
+
+
+def test_single_output_model_is_refused(tmp_path):
+    nano = str(SHARED_MODELS / "vnncomp2021" / "test_nano.onnx")  # one input, one output
+    with pytest.raises(lipcert.InputError, match="at least 2 outputs"):
+        certified_radius(nano, np.zeros((5, 1)), np.zeros(5, int))
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 1)), y=np.zeros(5, int))
+    res = run(nano, "--data", tmp_path / "d.npz")
+    assert res.exit_code == 1 and "at least 2 outputs" in res.output and "Traceback" not in res.output
 
 
 def test_cli_certify_table_and_bad_input(tmp_path):
