@@ -22,13 +22,20 @@ def load_npz(path: str | Path, labels: bool = True) -> tuple[np.ndarray, np.ndar
         npz = np.load(p)
     except Exception as exc:
         raise InputError(f"could not read {p.name} as an .npz file ({exc})", str(p), "save the data with numpy.savez(path, x=inputs, y=labels)") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads an .npy file as one bare array
+        raise InputError(f"{p.name} is an .npy file (one array without a name); lipcert reads an .npz file with {wanted}", str(p),
+                         "save the data with numpy.savez(path, x=inputs, y=labels)")
     with npz:
         missing = [n for n in names if n not in npz.files]
         if missing:
             raise InputError(f"{p.name} has no array {' or '.join(repr(m) for m in missing)} (it has: {', '.join(npz.files) or 'nothing'})",
                              str(p), "save the data with numpy.savez(path, x=inputs, y=labels)")
-        x = np.asarray(npz["x"], np.float64)
-        y = np.asarray(npz["y"]) if labels else None
+        try:
+            x, y = npz["x"], (npz["y"] if labels else None)
+        except ValueError:  # an object array: reading it would need pickle, never enabled for data files
+            raise InputError(f"{p.name} holds an object array (Python objects, not numbers), which lipcert does not load", str(p),
+                             "save numeric arrays: numpy.savez(path, x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))") from None
+        x, y = np.asarray(x, np.float64), (None if y is None else np.asarray(y))
     if y is not None and (not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x)):
         raise InputError(f"{p.name}: y must be one integer label per input (x has {len(x)} rows, y has shape {y.shape})", str(p), "check the arrays")
     return x, y

@@ -197,6 +197,15 @@ def test_cli_certify_table_and_bad_input(tmp_path):
     assert res.exit_code == 2 and "--data" in res.output
 
 
+def test_cli_refuses_npy_and_object_arrays_with_one_message(tmp_path):
+    np.save(tmp_path / "d.npy", np.zeros((3, 2)))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "d.npy", "--method", "naive")
+    assert res.exit_code == 1 and "is an .npy file" in res.output and "savez" in res.output and "Traceback" not in res.output
+    np.savez(tmp_path / "o.npz", x=np.array([np.zeros(2), "a", None], dtype=object), y=np.array([0, 1, 2]))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "o.npz", "--method", "naive")
+    assert res.exit_code == 1 and "object array" in res.output and "Traceback" not in res.output
+
+
 def test_bounds_already_computed_are_reused_not_solved_again(spiral, monkeypatch):
     import sys
 
