@@ -28,7 +28,7 @@ import torch
 from . import progress
 from .budget import Budget, settings_with_deadline
 from .config import Settings, check_choice, normalize_norm
-from .data import input_batch, load_npz
+from .data import input_batch, labels_array, load_npz
 from .errors import InputError, LipcertError
 from .estimators import estimate
 from .estimators.base import SAFETY
@@ -530,9 +530,7 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     with torch.no_grad():
         logits = graph.forward(xs).reshape(len(xs), -1).numpy()
     predicted = logits.argmax(1)
-    labels = predicted.copy() if label is None else np.asarray(label, dtype=np.int64).reshape(-1)
-    if len(labels) != len(xs):
-        raise InputError(f"{len(labels)} labels for {len(xs)} inputs", graph.source, "give one label per input")
+    labels = predicted.copy() if label is None else labels_array(label, len(xs), "label", graph.source)
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise InputError(f"labels must lie in 0..{logits.shape[1] - 1}", graph.source, "check the labels")
     if constants is not None and (constants.norm != norm or constants.matrix.shape != (logits.shape[1],) * 2):

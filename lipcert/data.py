@@ -35,10 +35,33 @@ def load_npz(path: str | Path, labels: bool = True) -> tuple[np.ndarray, np.ndar
         except ValueError:  # an object array: reading it would need pickle, never enabled for data files
             raise InputError(f"{p.name} holds an object array (Python objects, not numbers), which lipcert does not load", str(p),
                              "save numeric arrays: numpy.savez(path, x=np.asarray(x, np.float32), y=np.asarray(y, np.int64))") from None
-        x, y = np.asarray(x, np.float64), (None if y is None else np.asarray(y))
-    if y is not None and (not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x)):
-        raise InputError(f"{p.name}: y must be one integer label per input (x has {len(x)} rows, y has shape {y.shape})", str(p), "check the arrays")
-    return x, y
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x) or x.ndim == 0:
+        raise InputError(f"{p.name}: x must be an array of real numbers, not {x.dtype} of shape {x.shape}", str(p), "save the inputs as a float array")
+    x = np.asarray(x, np.float64)
+    return x, None if y is None else labels_array(y, len(x), f"{p.name}: y", str(p))
+
+
+def labels_array(y: Any, n: int, what: str = "the labels", where: str | None = None) -> np.ndarray:
+    """``y`` as n int64 class labels. Integer-valued floats (labels saved as floats) are accepted;
+    other floats, strings and booleans are refused: a cast would truncate 0.5 to class 0."""
+    y = np.asarray(y)
+    if y.dtype.kind == "f":
+        flat = y.ravel()
+        whole = np.isfinite(flat) & (flat == np.round(flat))
+        if not whole.all():
+            raise InputError(f"{what} must hold integer labels (class indices); it has non-integer values such as {float(flat[~whole][0])!r}",
+                             where, "give one integer class index per input")
+        y = y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InputError(f"{what} must hold integer labels (class indices), not values of type {y.dtype}", where,
+                         "give one integer class index per input")
+    if y.ndim != 1:
+        one_hot = y.ndim == 2 and len(y) == n and y.shape[1] > 1
+        hint = "for one-hot labels, give y.argmax(1)" if one_hot else "give a 1-D array: one integer class index per input (e.g. y.ravel())"
+        raise InputError(f"{what} must be one integer label per input, a 1-D array, not one of shape {y.shape}", where, hint)
+    if len(y) != n:
+        raise InputError(f"{what} holds {len(y)} labels for {n} inputs", where, "give one integer class index per input")
+    return y.astype(np.int64)
 
 
 def input_batch(graph: Any, x: Any) -> np.ndarray:

@@ -206,6 +206,20 @@ def test_cli_refuses_npy_and_object_arrays_with_one_message(tmp_path):
     assert res.exit_code == 1 and "object array" in res.output and "Traceback" not in res.output
 
 
+def test_labels_saved_as_whole_floats_are_accepted_other_types_refused(tmp_path):
+    x, y = np.load(MODELS / "spiral_test.npz")["x"][:20], np.load(MODELS / "spiral_test.npz")["y"][:20]
+    np.savez(tmp_path / "f.npz", x=x, y=y.astype(float))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "f.npz", "--method", "naive", "--json")
+    assert res.exit_code == 0, res.output
+    assert [p["label"] for p in json.loads(res.stdout)["points"]] == y.tolist()
+    for bad, needle in ((y + 0.5, "non-integer values such as 0.5"), (y.astype(str), "not values of type <U"), (y[:, None], "1-D array")):
+        np.savez(tmp_path / "b.npz", x=x, y=bad)
+        res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "b.npz", "--method", "naive")
+        assert res.exit_code == 1 and needle in res.output and "shape (20,)" not in res.output, res.output
+    with pytest.raises(lipcert.InputError, match="non-integer"):  # the API truncated 0.5 to class 0
+        certified_radius(MODELS / "mlp_spiral.onnx", x, y + 0.5, method="naive")
+
+
 def test_bounds_already_computed_are_reused_not_solved_again(spiral, monkeypatch):
     import sys
 
