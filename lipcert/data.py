@@ -64,15 +64,50 @@ def labels_array(y: Any, n: int, what: str = "the labels", where: str | None = N
     return y.astype(np.int64)
 
 
+def point_shapes(input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shapes one input may come in: the model's input shape, without its leading batch axis
+    of 1, or flat; the natural one (without the batch axis) first."""
+    shape = tuple(input_shape)
+    natural = shape[1:] if shape and shape[0] == 1 else shape
+    return list(dict.fromkeys([natural, shape, (int(np.prod(shape)),)]))
+
+
+def _permutation(have: tuple[int, ...], want: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Axes p with have[p] == want (a transpose), when ``have`` is a reordering of ``want``."""
+    if len(have) != len(want) or sorted(have) != sorted(want) or have == want:
+        return None
+    left, order = list(range(len(have))), []
+    for n in want:
+        order.append(next(i for i in left if have[i] == n))
+        left.remove(order[-1])
+    return tuple(order)
+
+
+def _batch_of(shape: tuple[int, ...]) -> str:
+    return "(N" + "".join(f", {n}" for n in shape) + (")" if shape else ",)")
+
+
 def input_batch(graph: Any, x: Any) -> np.ndarray:
-    """``x`` as a float64 batch (N, *input_shape) for ``graph``: each row must hold exactly one
-    input (a single 1-D input of the right size is a batch of one), finite, at least one row."""
-    arr = np.asarray(x, dtype=np.float64)
+    """``x`` as a float64 batch (N, *input_shape) for ``graph``: each input in one of
+    ``point_shapes`` (a single flat input is a batch of one), finite, at least one row. Other
+    shapes are refused, not reshaped: channels-last images reshaped to channels-first would be
+    scrambled silently."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"the inputs are not an array of numbers ({exc})", graph.source, "give a float array") from None
     if arr.ndim == 1 and arr.size == graph.input_dim:
         arr = arr[None]
-    if arr.ndim < 2 or int(np.prod(arr.shape[1:])) != graph.input_dim:
-        raise InputError(f"an input array of shape {list(arr.shape)} does not fit the model's input shape {list(graph.input_shape)}", graph.source,
-                         f"give an array of shape (N, {', '.join(map(str, graph.input_shape))}) or (N, {graph.input_dim})")
+    shapes = point_shapes(graph.input_shape)
+    if arr.ndim == 0 or arr.shape[1:] not in shapes:
+        suggest = dict.fromkeys([shapes[0], (graph.input_dim,)])  # without the batch axis, and flat
+        hint = f"give an array of shape {' or '.join(_batch_of(s) for s in suggest)}"
+        perm = next((p for p in (_permutation(arr.shape[1:], s) for s in shapes) if p is not None), None)
+        if perm is not None:
+            axes = ", ".join(str(a) for a in (0, *(i + 1 for i in perm)))
+            hint = f"each input's axes look reordered (channels-last vs channels-first?): x.transpose({axes}) puts them in the model's order; or {hint}"
+        raise InputError(f"an input array of shape {list(arr.shape)} (inputs of shape {list(arr.shape[1:])}) does not fit the model's input shape "
+                         f"{list(graph.input_shape)}", graph.source, hint)
     if len(arr) == 0:
         raise InputError("the input array is empty", graph.source, "give at least one input")
     if not np.isfinite(arr).all():

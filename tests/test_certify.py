@@ -179,7 +179,7 @@ def test_cli_certify_table_and_bad_input(tmp_path):
     assert res.exit_code == 1 and "integer label" in res.output
     np.savez(bad, x=np.zeros((3, 5)), y=np.array([0, 1, 2]))
     res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
-    assert res.exit_code == 1 and "does not fit" in res.output and "(N, 1, 2) or (N, 2)" in res.output
+    assert res.exit_code == 1 and "does not fit" in res.output and "shape (N, 2)" in res.output
     np.savez(bad, x=np.zeros((3, 4)), y=np.array([0, 1, 2]))  # 12 numbers: would reshape, must not
     res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
     assert res.exit_code == 1 and "does not fit" in res.output
@@ -195,6 +195,30 @@ def test_cli_certify_table_and_bad_input(tmp_path):
     assert res.exit_code == 2 and "radii must be >= 0" in res.output
     res = run(MODELS / "mlp_spiral.onnx")
     assert res.exit_code == 2 and "--data" in res.output
+
+
+def test_input_shape_hint_is_the_model_shape_without_its_batch_axis():
+    mnist = lipcert.load(SHARED_MODELS / "vnncomp2021" / "mnist-net_256x2.onnx")  # input (1, 784, 1)
+    with pytest.raises(lipcert.InputError, match=r"shape \(N, 784, 1\) or \(N, 784\)$"):
+        certified_radius(mnist, np.zeros((15, 700, 1)), method="naive")
+    with pytest.raises(lipcert.InputError, match=r"shape \(N, 1, 8, 8\) or \(N, 64\)$"):
+        certified_radius(MODELS / "cnn_bars.onnx", np.zeros((3, 8, 9)), method="naive")
+
+
+def test_channels_last_data_is_refused_not_reshaped(tmp_path):
+    """bars_test.npz as channels-last images (N, 8, 8, 1) was reshaped into (N, 1, 8, 8) without a word;
+    only the model's shape (with or without its batch axis) and flat inputs are taken."""
+    data = np.load(MODELS / "bars_test.npz")
+    x, y = data["x"][:10], data["y"][:10]
+    np.savez(tmp_path / "nhwc.npz", x=x.transpose(0, 2, 3, 1), y=y)
+    res = run(MODELS / "cnn_bars.onnx", "--data", tmp_path / "nhwc.npz", "--method", "naive")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "[10, 8, 8, 1]" in res.output and "[1, 1, 8, 8]" in res.output and "x.transpose(0, 3, 1, 2)" in res.output
+    with pytest.raises(lipcert.InputError, match=r"transpose\(0, 3, 1, 2\)"):  # a 3-channel model, channels last
+        certified_radius(SHARED_MODELS / "vnncomp2021" / "cifar_base_kw.onnx", np.zeros((4, 32, 32, 3)), method="naive")
+    graph = lipcert.load(MODELS / "cnn_bars.onnx")
+    same = [certified_radius(graph, a, y, method="naive").radii for a in (x, x[:, None], x.reshape(10, -1))]
+    assert all(np.array_equal(same[0], r) for r in same[1:])
 
 
 def test_cli_refuses_npy_and_object_arrays_with_one_message(tmp_path):
