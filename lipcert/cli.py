@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -404,10 +406,27 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
         click.echo(line)
 
 
+def _writable_output(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--output, refused at once when it cannot be written: the report takes minutes to compute.
+    The folders it lacks are created by render; the nearest one that exists is probed."""
+    path = Path(value)
+    folder = next(f for f in [path.parent, *path.parent.parents] if f.exists())
+    if not folder.is_dir():
+        raise click.BadParameter(f"cannot write {value}: {folder} is a file, not a folder")
+    try:
+        if path.exists():
+            open(path, "a").close()  # appends nothing: the file is kept as it is until the report replaces it
+        else:
+            tempfile.NamedTemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {value} ({exc.strerror or exc}); choose a file in a folder you can write to") from None
+    return value
+
+
 @main.command()
 @model_options
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="An .npz file with x and y: adds certified accuracy and radii.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The HTML file to write, e.g. reports/model.html.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, callback=_writable_output, help="The HTML file to write, e.g. reports/model.html.")
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
 @budget_option(120.0)
