@@ -447,6 +447,8 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
 
     from .budget import Budget
 
+    if local and data is None:  # --local certifies the points of --data: alone it would do nothing
+        raise click.UsageError("--local needs --data (the points whose local radii and attacks are drawn): give --data test.npz, or leave out --local")
     progress.set_quiet(quiet)
     # a fifth of the budget is kept back for start-up, the page (figures) and steps that end past a deadline
     total = Budget(budget)

@@ -104,6 +104,11 @@ def test_report_bad_flags():
     assert res.exit_code == 1 and "Traceback" not in res.output
 
 
+def test_report_local_without_data_is_a_bad_flag_combination(tmp_path):
+    res = CliRunner().invoke(main, ["report", str(MODELS / "mlp_spiral.onnx"), "--local", "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and "--local needs --data" in res.output and not (tmp_path / "r.html").exists()
+
+
 def test_report_refuses_an_unwritable_output_before_computing(tmp_path, monkeypatch):
     import lipcert.report
 
