@@ -147,6 +147,14 @@ def test_bad_flags_exit_nonzero_with_a_message(args):
     assert res.exit_code == 2 and "Invalid value" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize("args", [["certify", "--data", MODELS / "spiral_test.npz", "--eps", "nan"], ["bound", "--method", "sdp", "--time-limit", "nan"],
+                                  ["bound", "--budget", "nan"], ["bound", "--center", MODELS / "spiral_test.npz", "--radius", "nan"],
+                                  ["report", "-o", "OUT", "--budget", "inf"], ["certify", "--data", MODELS / "spiral_test.npz", "--eps", "inf"]])
+def test_float_flags_refuse_nan_and_inf(args, tmp_path):
+    res = run(args[0], MODELS / "mlp_spiral.onnx", *[tmp_path / "r.html" if a == "OUT" else a for a in args[1:]])
+    assert res.exit_code == 2 and "is not a finite number" in res.output and "Traceback" not in res.output, res.output
+
+
 def test_help_teaches():
     for cmd in ([], ["bound"], ["info"], ["ops"], ["methods"]):
         res = run(*cmd, "--help")
