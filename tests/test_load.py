@@ -152,6 +152,20 @@ def test_torch_module_needs_input_shape():
 # --- refusals -------------------------------------------------------------------------------------------
 
 
+def test_torch_module_must_return_one_tensor():
+    class Outputs(torch.nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.lin, self.wrap = torch.nn.Linear(4, 3), wrap
+
+        def forward(self, x):
+            return self.wrap(self.lin(x))
+
+    for wrap, said in ((lambda y: {"logits": y}, "returns a dict, not one tensor"), (lambda y: (y,), "returns a tuple")):
+        with pytest.raises(UnsupportedModelError, match=said):
+            lipcert.load(Outputs(wrap), input_shape=(1, 4))
+
+
 def test_unsupported_ops_are_all_listed():
     nodes = [
         helper.make_node("Sin", ["x"], ["a"], name="first_bad"),
