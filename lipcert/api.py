@@ -45,8 +45,12 @@ def bound(
         raise InputError(f"bound() got unknown keyword argument(s): {', '.join(unknown)}", None,
                          f"use bound()'s model, method, norm, input_shape, or a Settings field: {', '.join(fields)} "
                          "(LipSDP's time limit in seconds: extra={'fast_time_limit': 60})")
+    try:
+        s = Settings(norm=normalize_norm(norm), **settings)
+    except InputError as exc:  # Settings' checks, said of the function the user called
+        raise InputError(exc.what.replace("of Settings()", "of bound()"), exc.where, exc.hint) from None
     graph = load(model, input_shape)  # a Graph comes back as is
-    return estimate(graph, method, Settings(norm=normalize_norm(norm), **settings))
+    return estimate(graph, method, s)
 
 
 def methods() -> dict[str, str]:

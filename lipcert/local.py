@@ -494,6 +494,7 @@ def local_bound(model: Any, center: Any = None, radius: float | None = None, nor
     graph = load(model, input_shape)
     norm = normalize_norm(norm, "local_bound")
     check_choice("local_bound", "method", method, LOCAL_METHODS)
+    check_choice("local_bound", "bounds", bounds, ("ibp", "crown"))  # before preactivation_bounds() names itself
     if method == "sdp" and norm != "2":
         raise InputError("method 'sdp' bounds the l2 norm only", graph.source, "use norm=2 or method='naive'")
     if box is not None:

@@ -157,6 +157,21 @@ def test_cli_certify_json(spiral):
     assert len(out["curve"]["radius"]) == len(out["curve"]["certified_accuracy"])
 
 
+def test_bad_arguments_are_named_as_the_user_passed_them():
+    """Not as the internal functions they reach: pairwise_constants()'s 'method', Budget()'s 'seconds'."""
+    x, y = np.zeros((3, 2)), np.zeros(3, int)
+    for func in (certified_radius, certify):
+        name = func.__name__
+        with pytest.raises(lipcert.InputError, match=f"'method' parameter of {name}\\(\\)"):
+            func(MODELS / "mlp_spiral.onnx", x, y, method="foo")
+        with pytest.raises(lipcert.InputError, match=f"'budget' parameter of {name}\\(\\)"):
+            func(MODELS / "mlp_spiral.onnx", x, y, budget=math.nan)
+    with pytest.raises(lipcert.InputError, match="'norm' parameter of certify"):
+        certify(MODELS / "mlp_spiral.onnx", x, y, norm="l3")
+    with pytest.raises(lipcert.InputError, match="'eps' parameter of certify"):
+        certify(MODELS / "mlp_spiral.onnx", x, y, eps=[math.nan], method="naive")
+
+
 def test_single_output_model_is_refused(tmp_path):
     nano = str(SHARED_MODELS / "vnncomp2021" / "test_nano.onnx")  # one input, one output
     with pytest.raises(lipcert.InputError, match="at least 2 outputs"):

@@ -170,6 +170,8 @@ def test_bound_names_unknown_keywords_and_lists_the_valid_ones():
     with pytest.raises(InputError, match="unknown keyword argument.*: time_limit") as err:
         lipcert.bound(MODELS / "mlp_spiral.onnx", time_limit=5)
     assert "seed, iterations, solver" in err.value.message() and "fast_time_limit" in err.value.message()
+    with pytest.raises(InputError, match=r"'seed' parameter of bound\(\)"):  # not of Settings()
+        lipcert.bound(MODELS / "mlp_spiral.onnx", seed=-1)
 
 
 def test_unsupported_ops_are_all_listed():

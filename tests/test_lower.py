@@ -125,6 +125,8 @@ def test_user_data_starts(tmp_path):
         lipcert.lower_bound(MODELS / "mlp_spiral.onnx", starts=0)
     with pytest.raises(lipcert.InputError, match="'norm' parameter of lower_bound"):
         lipcert.lower_bound(MODELS / "mlp_spiral.onnx", norm="l3")
+    with pytest.raises(lipcert.InputError, match="'norm' parameter of lower_bound"):  # not the CLI's --norm
+        lipcert.lower_bound(MODELS / "mlp_spiral.onnx", norm=1)
 
 
 @pytest.mark.slow

@@ -587,7 +587,9 @@ def lower_bound(model: Any, norm: Any = 2, starts: int | None = None, steps: int
         if value is not None or name == "seed":
             check_range("lower_bound", name, value, low)
     check_choice("lower_bound", "device", device, ("cpu", "cuda", "auto"))
-    s = Settings(norm=normalize_norm(norm, "lower_bound"), starts=starts, steps=steps, seed=seed, device=device)
+    norm = normalize_norm(norm, "lower_bound")
+    check_choice("lower_bound", "norm", norm, ("2", "inf"))  # the search's own refusal names the CLI's --norm
+    s = Settings(norm=norm, starts=starts, steps=steps, seed=seed, device=device)
     graph = load(model, input_shape)  # a Graph comes back as is
     if isinstance(data, (str, Path)):
         data = load_npz(data, labels=False)[0]
