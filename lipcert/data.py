@@ -38,13 +38,16 @@ def load_npz(path: str | Path, labels: bool = True) -> tuple[np.ndarray, np.ndar
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x) or x.ndim == 0:
         raise InputError(f"{p.name}: x must be an array of real numbers, not {x.dtype} of shape {x.shape}", str(p), "save the inputs as a float array")
     x = np.asarray(x, np.float64)
-    return x, None if y is None else labels_array(y, len(x), f"{p.name}: y", str(p))
+    return x, None if y is None else labels_array(y, len(x), f"y in {p.name}", str(p))
 
 
-def labels_array(y: Any, n: int, what: str = "the labels", where: str | None = None) -> np.ndarray:
-    """``y`` as n int64 class labels. Integer-valued floats (labels saved as floats) are accepted;
-    other floats, strings and booleans are refused: a cast would truncate 0.5 to class 0."""
+def labels_array(y: Any, n: int, what: str = "labels", where: str | None = None) -> np.ndarray:
+    """``y`` as n int64 class labels. Integer-valued floats (labels saved as floats) and booleans
+    (classes 0 and 1) are accepted; other floats and strings are refused: a cast would truncate 0.5
+    to class 0."""
     y = np.asarray(y)
+    if y.dtype == np.bool_:
+        y = y.astype(np.int64)
     if y.dtype.kind == "f":
         flat = y.ravel()
         whole = np.isfinite(flat) & (flat == np.round(flat))
@@ -58,9 +61,9 @@ def labels_array(y: Any, n: int, what: str = "the labels", where: str | None = N
     if y.ndim != 1:
         one_hot = y.ndim == 2 and len(y) == n and y.shape[1] > 1
         hint = "for one-hot labels, give y.argmax(1)" if one_hot else "give a 1-D array: one integer class index per input (e.g. y.ravel())"
-        raise InputError(f"{what} must be one integer label per input, a 1-D array, not one of shape {y.shape}", where, hint)
+        raise InputError(f"{what} must be a 1-D array of integer labels, one per input, not of shape {y.shape}", where, hint)
     if len(y) != n:
-        raise InputError(f"{what} holds {len(y)} labels for {n} inputs", where, "give one integer class index per input")
+        raise InputError(f"{what} has {len(y)} labels for {n} inputs", where, "give one integer class index per input")
     return y.astype(np.int64)
 
 
