@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .config import Settings, normalize_norm
+from .errors import InputError
 from .estimators import ESTIMATORS, estimate
 from .load import load
 from .result import Result
@@ -37,8 +39,18 @@ def bound(
         >>> r = lipcert.bound("models/mlp_spiral.onnx", method="naive", norm=2)  # doctest: +SKIP
         >>> r.value, r.certified  # doctest: +SKIP
     """
+    fields = [f.name for f in dataclasses.fields(Settings) if f.name != "norm"]
+    unknown = [k for k in settings if k not in fields]
+    if unknown:  # named here, not as Settings.__init__()'s TypeError
+        raise InputError(f"bound() got unknown keyword argument(s): {', '.join(unknown)}", None,
+                         f"use bound()'s model, method, norm, input_shape, or a Settings field: {', '.join(fields)} "
+                         "(LipSDP's time limit in seconds: extra={'fast_time_limit': 60})")
+    try:
+        s = Settings(norm=normalize_norm(norm), **settings)
+    except InputError as exc:  # Settings' checks, said of the function the user called
+        raise InputError(exc.what.replace("of Settings()", "of bound()"), exc.where, exc.hint) from None
     graph = load(model, input_shape)  # a Graph comes back as is
-    return estimate(graph, method, Settings(norm=normalize_norm(norm), **settings))
+    return estimate(graph, method, s)
 
 
 def methods() -> dict[str, str]:

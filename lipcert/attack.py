@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from .config import check_range, normalize_norm
-from .data import input_batch
-from .errors import InputError
+from .data import input_batch, labels_array
 
 
 @dataclass
@@ -128,9 +127,7 @@ def attack(model: Any, x: Any, labels: Any, norm: Any = 2, steps: int = 50, rest
     for name, v in (("steps", steps), ("restarts", restarts), ("search", search)):
         check_range("attack", name, v, 1)
     xs = torch.from_numpy(input_batch(graph, x))
-    ys = torch.as_tensor(np.asarray(labels, np.int64).reshape(-1))
-    if len(ys) != len(xs):
-        raise InputError(f"{len(ys)} labels for {len(xs)} inputs", graph.source, "give one label per input")
+    ys = torch.as_tensor(labels_array(labels, len(xs), "labels", graph.source))
     gen = torch.Generator().manual_seed(seed)
     n = len(xs)
     with torch.no_grad():

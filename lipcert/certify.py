@@ -16,6 +16,7 @@ smaller than the global ones.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import dataclasses
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ import torch
 
 from . import progress
 from .budget import Budget, settings_with_deadline
-from .config import Settings, check_choice, normalize_norm
-from .data import input_batch, load_npz
+from .config import Settings, check_choice, check_range, normalize_norm
+from .data import input_batch, labels_array, load_npz
 from .errors import InputError, LipcertError
 from .estimators import estimate
 from .estimators.base import SAFETY
@@ -520,16 +521,16 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     """
     from .load import load
 
-    check_choice("certified_radius", "pairs", pairs, ("binding", "all"))
+    norm = _check_arguments("certified_radius", norm, method, pairs, budget)
     graph = load(model, input_shape)  # a Graph comes back as is
-    norm = normalize_norm(norm, "certified_radius")
+    if graph.output_dim < 2:  # a radius is a margin between two classes' scores
+        raise InputError(f"certified radii need a classifier with at least 2 outputs (one score per class); this model has {graph.output_dim}",
+                         graph.source, "certify a classifier whose output holds one score per class")
     xs = torch.from_numpy(input_batch(graph, x))
     with torch.no_grad():
         logits = graph.forward(xs).reshape(len(xs), -1).numpy()
     predicted = logits.argmax(1)
-    labels = predicted.copy() if label is None else np.asarray(label, dtype=np.int64).reshape(-1)
-    if len(labels) != len(xs):
-        raise InputError(f"{len(labels)} labels for {len(xs)} inputs", graph.source, "give one label per input")
+    labels = predicted.copy() if label is None else labels_array(label, len(xs), "label", graph.source)
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise InputError(f"labels must lie in 0..{logits.shape[1] - 1}", graph.source, "check the labels")
     if constants is not None and (constants.norm != norm or constants.matrix.shape != (logits.shape[1],) * 2):
@@ -557,6 +558,16 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     return Certificates(radii, predicted, labels, consts, global_radii, how, before)
 
 
+def _check_arguments(func: str, norm: Any, method: str, pairs: str, budget: Any) -> str:
+    """The arguments certify and certified_radius pass on, checked under the name the user called
+    (the functions they reach would name themselves: pairwise_constants(), Budget()); the norm."""
+    check_choice(func, "method", method, ("sdp", "naive"))
+    check_choice(func, "pairs", pairs, ("binding", "all"))
+    if budget is not None and not isinstance(budget, Budget):
+        check_range(func, "budget", budget, 0.0, kind=float)
+    return normalize_norm(norm, func)
+
+
 def load_dataset(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """An .npz file with inputs ``x`` and integer labels ``y``."""
     x, y = load_npz(path, labels=True)
@@ -573,6 +584,10 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
     ``settings``, ``pairs``, ``local``, ``jobs``: see ``certified_radius``."""
     from .load import load
 
+    _check_arguments("certify", norm, method, pairs, budget)
+    for e in eps or []:  # a NaN radius would give a certified accuracy of 0 at "nan"
+        if not (isinstance(e, numbers.Real) and math.isfinite(e) and e >= 0):
+            raise InputError(f"The 'eps' parameter of certify() must hold finite numbers >= 0. Got {e!r} instead.")
     graph = load(model, input_shape)  # a Graph comes back as is
     certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven, budget=budget, settings=settings,
                              pairs=pairs, local=local, jobs=jobs)

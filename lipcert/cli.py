@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -29,6 +32,22 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(f"expected positive integers separated by commas, like 1,3,32,32; got {value!r}") from None
 
 
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses nan and inf. click's FloatRange lets nan through (every
+    comparison with nan is False), and nan would reach the output as a number."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+    def _describe_range(self) -> str:  # click's hook for the help text: nothing to say when unbounded
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
+
 def model_options(fn: Callable) -> Callable:
     """MODEL argument plus --input-shape."""
     fn = click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W", help="Input shape with the batch axis, when the model does not fix it.")(fn)
@@ -44,7 +63,7 @@ def output_options(fn: Callable) -> Callable:
 def budget_option(default: float | None, extra: str = "") -> Callable:
     """--budget SECONDS: the time the command may take (0: no limit)."""
     shown = f"  [default: {default:g}]" if default else ""
-    return click.option("--budget", type=click.FloatRange(min=0), default=default, metavar="SECONDS",
+    return click.option("--budget", type=FiniteFloat(min=0), default=default, metavar="SECONDS",
                         help=f"Time allowed in all; slow methods (LipSDP) stop at it with a proven, looser bound, and the output "
                              f"says what was cut; LipSDP is skipped where it cannot beat a bound already proven. 0: no limit.{extra}{shown}")
 
@@ -171,12 +190,12 @@ def _method_names() -> list[str]:
 @click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Iterations of power / Gram iteration.")
 @click.option("--solver", default=None, help="Solver for --method sdp: a cvxpy solver name (see `lipcert methods`) or lipcert-fast; default: lipcert-fast, else the fastest installed (SDPA, CVXOPT, CLARABEL, SCS).")
 @click.option("--sdp-variant", type=click.Choice(["neuron", "layer"]), default="neuron", show_default=True, help="LipSDP multipliers: one per neuron or one per layer.")
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+@click.option("--time-limit", type=FiniteFloat(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Stop lipcert-fast after this long per LipSDP section; its multipliers so far are still verified, so the bound stays proven (only looser). Default: none.")
 @click.option("--layers", is_flag=True, help="Also print the per-layer norms and their running product.")
 @budget_option(None, " Default: 120 with --method all, no limit for one method.")
 @click.option("--center", type=click.Path(dir_okay=False), default=None, help="Local bound: an .npz file whose array x holds the centre of the region (row --index).")
-@click.option("--radius", type=click.FloatRange(min=0), default=None, help="Local bound: the radius of the --norm ball around --center.")
+@click.option("--radius", type=FiniteFloat(min=0), default=None, help="Local bound: the radius of the --norm ball around --center.")
 @click.option("--box", type=(click.Path(dir_okay=False), click.Path(dir_okay=False)), default=None, metavar="LO.npz HI.npz", help="Local bound over the box [lo, hi] (arrays x in two .npz files).")
 @click.option("--index", type=click.IntRange(min=0), default=0, show_default=True, help="Which row of the --center / --box arrays.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True, help="Where naive, gram, power and lower run their tensors; cuda falls back to the CPU with a note.")
@@ -352,7 +371,7 @@ def _eps_list(ctx: click.Context, param: click.Parameter, value: tuple[float, ..
 @main.command()
 @model_options
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="An .npz file with inputs x and integer labels y.")
-@click.option("--eps", multiple=True, type=float, callback=_eps_list, default=(), help="Radius at which to report certified accuracy (repeatable).")
+@click.option("--eps", multiple=True, type=FiniteFloat(), callback=_eps_list, default=(), help="Radius at which to report certified accuracy (repeatable).")
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Norm of the perturbation.")
 @click.option("--method", type=click.Choice(["sdp", "naive"]), default="sdp", show_default=True, help="How the pairwise margin constants are bounded (sdp: LipSDP for l2 where it applies).")
 @click.option("--pairs", type=click.Choice(["binding", "all"]), default="binding", show_default=True,
@@ -404,10 +423,27 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
         click.echo(line)
 
 
+def _writable_output(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--output, refused at once when it cannot be written: the report takes minutes to compute.
+    The folders it lacks are created by render; the nearest one that exists is probed."""
+    path = Path(value)
+    folder = next(f for f in [path.parent, *path.parent.parents] if f.exists())
+    if not folder.is_dir():
+        raise click.BadParameter(f"cannot write {value}: {folder} is a file, not a folder")
+    try:
+        if path.exists():
+            open(path, "a").close()  # appends nothing: the file is kept as it is until the report replaces it
+        else:
+            tempfile.NamedTemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {value} ({exc.strerror or exc}); choose a file in a folder you can write to") from None
+    return value
+
+
 @main.command()
 @model_options
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="An .npz file with x and y: adds certified accuracy and radii.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="The HTML file to write, e.g. reports/model.html.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, callback=_writable_output, help="The HTML file to write, e.g. reports/model.html.")
 @click.option("--norm", "-p", type=click.Choice(list(NORMS)), default="2", show_default=True, help="Vector norm on input and output.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed (iterative methods).")
 @budget_option(120.0)
@@ -428,6 +464,8 @@ def report(model: str, input_shape, data: str | None, output: str, norm: str, se
 
     from .budget import Budget
 
+    if local and data is None:  # --local certifies the points of --data: alone it would do nothing
+        raise click.UsageError("--local needs --data (the points whose local radii and attacks are drawn): give --data test.npz, or leave out --local")
     progress.set_quiet(quiet)
     # a fifth of the budget is kept back for start-up, the page (figures) and steps that end past a deadline
     total = Budget(budget)

@@ -136,7 +136,10 @@ class Region:
     def ball(center: Any, radius: float, norm: Any = 2) -> "Region":
         if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0):
             raise InputError(f"the radius must be a finite number >= 0, got {radius!r}", None, "give e.g. radius=0.05")
-        return Region("ball", np.asarray(center, np.float64).reshape(-1), float(radius), normalize_norm(norm, "Region"))
+        c = np.asarray(center, np.float64).reshape(-1)
+        if not np.isfinite(c).all():  # a NaN centre makes every interval NaN, and NaN compares as "stable"
+            raise InputError("the centre contains NaN or infinite values", None, "give a finite centre")
+        return Region("ball", c, float(radius), normalize_norm(norm, "Region"))
 
     @staticmethod
     def box(lo: Any, hi: Any) -> "Region":
@@ -496,6 +499,7 @@ def local_bound(model: Any, center: Any = None, radius: float | None = None, nor
     graph = load(model, input_shape)
     norm = normalize_norm(norm, "local_bound")
     check_choice("local_bound", "method", method, LOCAL_METHODS)
+    check_choice("local_bound", "bounds", bounds, ("ibp", "crown"))  # before preactivation_bounds() names itself
     if method == "sdp" and norm != "2":
         raise InputError("method 'sdp' bounds the l2 norm only", graph.source, "use norm=2 or method='naive'")
     if box is not None:

@@ -15,7 +15,7 @@ import lipcert
 from lipcert.certify import certified_radius, certify, pairwise_constants
 from lipcert.config import Settings
 from lipcert.cli import main
-from conftest import MODELS
+from conftest import MODELS, SHARED_MODELS
 
 DUAL = {"2": 2, "inf": 1}
 
@@ -157,6 +157,30 @@ def test_cli_certify_json(spiral):
     assert len(out["curve"]["radius"]) == len(out["curve"]["certified_accuracy"])
 
 
+def test_bad_arguments_are_named_as_the_user_passed_them():
+    """Not as the internal functions they reach: pairwise_constants()'s 'method', Budget()'s 'seconds'."""
+    x, y = np.zeros((3, 2)), np.zeros(3, int)
+    for func in (certified_radius, certify):
+        name = func.__name__
+        with pytest.raises(lipcert.InputError, match=f"'method' parameter of {name}\\(\\)"):
+            func(MODELS / "mlp_spiral.onnx", x, y, method="foo")
+        with pytest.raises(lipcert.InputError, match=f"'budget' parameter of {name}\\(\\)"):
+            func(MODELS / "mlp_spiral.onnx", x, y, budget=math.nan)
+    with pytest.raises(lipcert.InputError, match="'norm' parameter of certify"):
+        certify(MODELS / "mlp_spiral.onnx", x, y, norm="l3")
+    with pytest.raises(lipcert.InputError, match="'eps' parameter of certify"):
+        certify(MODELS / "mlp_spiral.onnx", x, y, eps=[math.nan], method="naive")
+
+
+def test_single_output_model_is_refused(tmp_path):
+    nano = str(SHARED_MODELS / "vnncomp2021" / "test_nano.onnx")  # one input, one output
+    with pytest.raises(lipcert.InputError, match="at least 2 outputs"):
+        certified_radius(nano, np.zeros((5, 1)), np.zeros(5, int))
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 1)), y=np.zeros(5, int))
+    res = run(nano, "--data", tmp_path / "d.npz")
+    assert res.exit_code == 1 and "at least 2 outputs" in res.output and "Traceback" not in res.output
+
+
 def test_cli_certify_table_and_bad_input(tmp_path):
     res = run(MODELS / "cnn_bars.onnx", "--data", MODELS / "bars_test.npz", "--eps", "0.01", "--norm", "inf", "--method", "naive")
     assert res.exit_code == 0, res.output
@@ -170,7 +194,7 @@ def test_cli_certify_table_and_bad_input(tmp_path):
     assert res.exit_code == 1 and "integer label" in res.output
     np.savez(bad, x=np.zeros((3, 5)), y=np.array([0, 1, 2]))
     res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
-    assert res.exit_code == 1 and "does not fit" in res.output and "(N, 1, 2) or (N, 2)" in res.output
+    assert res.exit_code == 1 and "does not fit" in res.output and "shape (N, 2)" in res.output
     np.savez(bad, x=np.zeros((3, 4)), y=np.array([0, 1, 2]))  # 12 numbers: would reshape, must not
     res = run(MODELS / "mlp_spiral.onnx", "--data", bad)
     assert res.exit_code == 1 and "does not fit" in res.output
@@ -186,6 +210,53 @@ def test_cli_certify_table_and_bad_input(tmp_path):
     assert res.exit_code == 2 and "radii must be >= 0" in res.output
     res = run(MODELS / "mlp_spiral.onnx")
     assert res.exit_code == 2 and "--data" in res.output
+
+
+def test_input_shape_hint_is_the_model_shape_without_its_batch_axis():
+    mnist = lipcert.load(SHARED_MODELS / "vnncomp2021" / "mnist-net_256x2.onnx")  # input (1, 784, 1)
+    with pytest.raises(lipcert.InputError, match=r"shape \(N, 784, 1\) or \(N, 784\)$"):
+        certified_radius(mnist, np.zeros((15, 700, 1)), method="naive")
+    with pytest.raises(lipcert.InputError, match=r"shape \(N, 1, 8, 8\) or \(N, 64\)$"):
+        certified_radius(MODELS / "cnn_bars.onnx", np.zeros((3, 8, 9)), method="naive")
+
+
+def test_channels_last_data_is_refused_not_reshaped(tmp_path):
+    """bars_test.npz as channels-last images (N, 8, 8, 1) was reshaped into (N, 1, 8, 8) without a word;
+    only the model's shape (with or without its batch axis) and flat inputs are taken."""
+    data = np.load(MODELS / "bars_test.npz")
+    x, y = data["x"][:10], data["y"][:10]
+    np.savez(tmp_path / "nhwc.npz", x=x.transpose(0, 2, 3, 1), y=y)
+    res = run(MODELS / "cnn_bars.onnx", "--data", tmp_path / "nhwc.npz", "--method", "naive")
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "[10, 8, 8, 1]" in res.output and "[1, 1, 8, 8]" in res.output and "x.transpose(0, 3, 1, 2)" in res.output
+    with pytest.raises(lipcert.InputError, match=r"transpose\(0, 3, 1, 2\)"):  # a 3-channel model, channels last
+        certified_radius(SHARED_MODELS / "vnncomp2021" / "cifar_base_kw.onnx", np.zeros((4, 32, 32, 3)), method="naive")
+    graph = lipcert.load(MODELS / "cnn_bars.onnx")
+    same = [certified_radius(graph, a, y, method="naive").radii for a in (x, x[:, None], x.reshape(10, -1))]
+    assert all(np.array_equal(same[0], r) for r in same[1:])
+
+
+def test_cli_refuses_npy_and_object_arrays_with_one_message(tmp_path):
+    np.save(tmp_path / "d.npy", np.zeros((3, 2)))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "d.npy", "--method", "naive")
+    assert res.exit_code == 1 and "is an .npy file" in res.output and "savez" in res.output and "Traceback" not in res.output
+    np.savez(tmp_path / "o.npz", x=np.array([np.zeros(2), "a", None], dtype=object), y=np.array([0, 1, 2]))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "o.npz", "--method", "naive")
+    assert res.exit_code == 1 and "object array" in res.output and "Traceback" not in res.output
+
+
+def test_labels_saved_as_whole_floats_are_accepted_other_types_refused(tmp_path):
+    x, y = np.load(MODELS / "spiral_test.npz")["x"][:20], np.load(MODELS / "spiral_test.npz")["y"][:20]
+    np.savez(tmp_path / "f.npz", x=x, y=y.astype(float))
+    res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "f.npz", "--method", "naive", "--json")
+    assert res.exit_code == 0, res.output
+    assert [p["label"] for p in json.loads(res.stdout)["points"]] == y.tolist()
+    for bad, needle in ((y + 0.5, "non-integer values such as 0.5"), (y.astype(str), "not values of type <U"), (y[:, None], "1-D array")):
+        np.savez(tmp_path / "b.npz", x=x, y=bad)
+        res = run(MODELS / "mlp_spiral.onnx", "--data", tmp_path / "b.npz", "--method", "naive")
+        assert res.exit_code == 1 and needle in res.output and "shape (20,)" not in res.output, res.output
+    with pytest.raises(lipcert.InputError, match="non-integer"):  # the API truncated 0.5 to class 0
+        certified_radius(MODELS / "mlp_spiral.onnx", x, y + 0.5, method="naive")
 
 
 def test_bounds_already_computed_are_reused_not_solved_again(spiral, monkeypatch):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 from lipcert.cli import main
-from conftest import SHARED_MODELS
+from conftest import MODELS, SHARED_MODELS
 from onnx_helpers import f32, graph_model, one_node_model
 
 VNN = SHARED_MODELS / "vnncomp2021"
@@ -102,6 +102,14 @@ def test_refuses_truncated_file(tmp_path):
     _error(run("bound", p), "could not read", "cut.onnx", "What to do")
 
 
+def test_external_data_is_read_beside_the_model_and_a_missing_file_is_named(tmp_path):
+    p = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(str(MODELS / "mlp_spiral.onnx")), str(p), save_as_external_data=True, location="ext.data", size_threshold=0)
+    assert run("bound", p).exit_code == 0  # read from the model's folder, not the working directory
+    (tmp_path / "ext.data").unlink()
+    _error(run("bound", p), "missing: ext.data", "What to do")
+
+
 def test_refuses_non_onnx_file(tmp_path):
     p = tmp_path / "model.onnx"
     p.write_text("hello")
@@ -137,6 +145,14 @@ def test_missing_file():
 def test_bad_flags_exit_nonzero_with_a_message(args):
     res = run("bound", VNN / "test_nano.onnx", *args)
     assert res.exit_code == 2 and "Invalid value" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args", [["certify", "--data", MODELS / "spiral_test.npz", "--eps", "nan"], ["bound", "--method", "sdp", "--time-limit", "nan"],
+                                  ["bound", "--budget", "nan"], ["bound", "--center", MODELS / "spiral_test.npz", "--radius", "nan"],
+                                  ["report", "-o", "OUT", "--budget", "inf"], ["certify", "--data", MODELS / "spiral_test.npz", "--eps", "inf"]])
+def test_float_flags_refuse_nan_and_inf(args, tmp_path):
+    res = run(args[0], MODELS / "mlp_spiral.onnx", *[tmp_path / "r.html" if a == "OUT" else a for a in args[1:]])
+    assert res.exit_code == 2 and "is not a finite number" in res.output and "Traceback" not in res.output, res.output
 
 
 def test_help_teaches():

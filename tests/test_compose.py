@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -228,3 +229,17 @@ def test_a_tiny_prefix_does_not_overflow_into_a_bound_of_zero():
     assert witnessed > 0.99
     for method in ("compose", "sdp-wide"):
         assert lipcert.bound(graph, method).value >= witnessed
+
+
+def test_a_network_that_ignores_its_input_is_bounded_by_zero_without_numpy_warnings():
+    """A first layer of zeros: every later state is "constant" (inf), whose dense form inf * I was
+    NaN off the diagonal (a RuntimeWarning; the Cholesky check refused it anyway)."""
+    net = _mlp([2, 8, 8, 3], "leaky", 0)
+    with torch.no_grad():
+        net[0].weight.zero_()
+    graph = lipcert.load(net, (1, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for method in ("compose", "sdp-wide"):
+            assert lipcert.bound(graph, method).value == 0.0
+

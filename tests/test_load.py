@@ -9,7 +9,7 @@ import torch
 
 import lipcert
 from lipcert.errors import InputError, ModelError, UnsupportedModelError
-from conftest import SHARED_MODELS, shared_model_files
+from conftest import MODELS, SHARED_MODELS, shared_model_files
 from onnx_helpers import f32, graph_model, one_node_model
 from onnx import helper
 from zoo import all_nets, one_hidden_relu, single_linear
@@ -150,6 +150,28 @@ def test_torch_module_needs_input_shape():
 
 
 # --- refusals -------------------------------------------------------------------------------------------
+
+
+def test_torch_module_must_return_one_tensor():
+    class Outputs(torch.nn.Module):
+        def __init__(self, wrap):
+            super().__init__()
+            self.lin, self.wrap = torch.nn.Linear(4, 3), wrap
+
+        def forward(self, x):
+            return self.wrap(self.lin(x))
+
+    for wrap, said in ((lambda y: {"logits": y}, "returns a dict, not one tensor"), (lambda y: (y,), "returns a tuple")):
+        with pytest.raises(UnsupportedModelError, match=said):
+            lipcert.load(Outputs(wrap), input_shape=(1, 4))
+
+
+def test_bound_names_unknown_keywords_and_lists_the_valid_ones():
+    with pytest.raises(InputError, match="unknown keyword argument.*: time_limit") as err:
+        lipcert.bound(MODELS / "mlp_spiral.onnx", time_limit=5)
+    assert "seed, iterations, solver" in err.value.message() and "fast_time_limit" in err.value.message()
+    with pytest.raises(InputError, match=r"'seed' parameter of bound\(\)"):  # not of Settings()
+        lipcert.bound(MODELS / "mlp_spiral.onnx", seed=-1)
 
 
 def test_unsupported_ops_are_all_listed():

@@ -181,6 +181,13 @@ def test_local_bound_refuses_what_it_cannot_bound():
         local_bound(graph, np.zeros(4), 0.1)
     with pytest.raises(InputError, match="radius must be"):
         local_bound(graph, np.zeros(3), -1.0)
+    with pytest.raises(InputError, match="'bounds' parameter of local_bound"):  # not preactivation_bounds()'s 'method'
+        local_bound(graph, np.zeros(3), 0.1, bounds="foo")
+    for bad in (np.nan, np.inf):  # a NaN centre gave a "proven" constant
+        with pytest.raises(InputError, match="centre contains NaN or infinite"):
+            local_bound(graph, np.array([bad, 0.0, 0.0]), 0.1)
+        with pytest.raises(InputError, match="radius must be"):
+            local_bound(graph, np.zeros(3), bad)
     with pytest.raises(InputError, match="lo <= hi"):
         local_bound(graph, box=(np.ones(3), np.zeros(3)))
 

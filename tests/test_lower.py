@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import numpy_helper
 
 import lipcert
 from lipcert.cli import main
@@ -74,6 +76,21 @@ def test_tampered_witness_fails_loudly():
         check_witness_onnxruntime(MODELS / "mlp_spiral.onnx", r.witness, r.value * 1.5)
 
 
+def test_a_network_that_ignores_its_input_has_the_witnessed_lower_bound_zero(tmp_path):
+    """mlp_spiral with its first weight set to 0: no direction stretches, and the search ended with
+    "the witness points coincide"; two distinct inputs with equal outputs witness 0."""
+    model = onnx.load(str(MODELS / "mlp_spiral.onnx"))
+    first = next(i for i in model.graph.initializer if i.name == "0.weight")
+    first.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(first)), first.name))
+    path = tmp_path / "blind.onnx"
+    onnx.save(model, str(path))
+    for norm in ("2", "inf"):
+        r = lipcert.lower_bound(path, norm=norm, **FAST)
+        assert r.value == 0.0 and r.status == "ok"
+        assert not np.array_equal(np.asarray(r.witness["x"]), np.asarray(r.witness["y"]))
+        assert check_witness_onnxruntime(path, r.witness, 0.0, norm) == 0.0
+
+
 def test_onnxruntime_runs_float64_copies_where_it_can():
     path = VNN / "mnist-net_256x2.onnx"
     r = lipcert.lower_bound(path, **FAST)
@@ -108,6 +125,8 @@ def test_user_data_starts(tmp_path):
         lipcert.lower_bound(MODELS / "mlp_spiral.onnx", starts=0)
     with pytest.raises(lipcert.InputError, match="'norm' parameter of lower_bound"):
         lipcert.lower_bound(MODELS / "mlp_spiral.onnx", norm="l3")
+    with pytest.raises(lipcert.InputError, match="'norm' parameter of lower_bound"):  # not the CLI's --norm
+        lipcert.lower_bound(MODELS / "mlp_spiral.onnx", norm=1)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,22 @@ def test_report_bad_flags():
     assert res.exit_code == 2 and "--output" in res.output
     res = CliRunner().invoke(main, ["report", str(MODELS / "missing.onnx"), "-o", "x.html"])
     assert res.exit_code == 1 and "Traceback" not in res.output
+
+
+def test_report_local_without_data_is_a_bad_flag_combination(tmp_path):
+    res = CliRunner().invoke(main, ["report", str(MODELS / "mlp_spiral.onnx"), "--local", "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and "--local needs --data" in res.output and not (tmp_path / "r.html").exists()
+
+
+def test_report_refuses_an_unwritable_output_before_computing(tmp_path, monkeypatch):
+    import lipcert.report
+
+    monkeypatch.setattr(lipcert.report, "collect", lambda *a, **k: pytest.fail("computed before checking --output"))
+    (tmp_path / "file").write_text("")
+    outputs = [tmp_path / "file" / "r.html", tmp_path / "file" / "new" / "r.html"] + ([Path("/proc/r.html")] if Path("/proc/self").exists() else [])
+    for out in outputs:
+        res = CliRunner().invoke(main, ["report", str(MODELS / "mlp_spiral.onnx"), "-o", str(out)])
+        assert res.exit_code == 2 and "cannot write" in res.output and "Traceback" not in res.output, res.output
 
 
 # --- a real browser -------------------------------------------------------------------------------

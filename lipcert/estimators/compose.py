@@ -514,7 +514,9 @@ def _is_dense(state: State) -> bool:
 def _densify(state: State, n: int) -> np.ndarray | None:
     if _is_dense(state):
         return state  # type: ignore[return-value]
-    if n > DENSE_STATE:
+    if n > DENSE_STATE or state == math.inf:
+        # a constant map (inf) has no dense form: inf * eye is NaN off the diagonal, which the
+        # dense rules refused anyway (their Cholesky fails); the scalar rules handle it
         return None
     return float(state) * np.eye(n)
 

@@ -527,6 +527,11 @@ def witness_pair(graph: Graph, x: torch.Tensor, v: torch.Tensor, norm: str, step
     tiny t never wins by noise; among pairs within 1e-7 of the best score, the longest is kept
     (robust to rounding, and checkable in lower precision)."""
     order = 2 if norm == "2" else math.inf
+    if not bool(v.any()) or not bool(torch.isfinite(v).all()):
+        # no direction of stretch (a zero Jacobian: a network that ignores its input): any two
+        # distinct inputs witness the honest lower bound, 0 for a constant network
+        v = torch.zeros_like(v)
+        v.view(-1)[0] = 1.0
     if norm == "2":
         v = v / v.norm().clamp_min(1e-300)
     t = (steps * (1.0 + float(x.abs().max()))).view(-1, *[1] * x.dim())
@@ -582,7 +587,9 @@ def lower_bound(model: Any, norm: Any = 2, starts: int | None = None, steps: int
         if value is not None or name == "seed":
             check_range("lower_bound", name, value, low)
     check_choice("lower_bound", "device", device, ("cpu", "cuda", "auto"))
-    s = Settings(norm=normalize_norm(norm, "lower_bound"), starts=starts, steps=steps, seed=seed, device=device)
+    norm = normalize_norm(norm, "lower_bound")
+    check_choice("lower_bound", "norm", norm, ("2", "inf"))  # the search's own refusal names the CLI's --norm
+    s = Settings(norm=norm, starts=starts, steps=steps, seed=seed, device=device)
     graph = load(model, input_shape)  # a Graph comes back as is
     if isinstance(data, (str, Path)):
         data = load_npz(data, labels=False)[0]

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 
 from ..errors import InputError, ModelError, UnsupportedModelError
 from ..graph import Graph
@@ -116,7 +117,33 @@ def read_model(path: str | Path) -> tuple[onnx.ModelProto, str]:
         ) from None
     if not model.graph.node:
         raise ModelError(f"{p.name} holds no ONNX graph nodes", str(p), "check that the file is a complete .onnx file")
+    files = _external_files(model)
+    if files:
+        # weights saved beside the model (onnx.save(..., save_as_external_data=True)) are read from
+        # the model's folder, not the working directory; a missing one is named, not left to onnx
+        missing = [f for f in files if not (p.parent / f).is_file()]
+        if missing:
+            raise ModelError(f"{p.name} keeps its weights in external data file(s) that are missing: {', '.join(missing)}", str(p),
+                             f"put {', '.join(missing)} in {p.parent} beside {p.name}, or save the model with its weights inside")
+        try:
+            load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:
+            raise ModelError(f"could not read the external data of {p.name} ({type(exc).__name__}: {str(exc)[:200]})", str(p),
+                             "check that the external data files are complete and belong to this model") from None
+        for f in files:  # the digest identifies the weights too
+            data += (p.parent / f).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
     return model, digest
+
+
+def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The initializers and the tensors of Constant-like attributes (where external data can be)."""
+    return [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)]
+
+
+def _external_files(model: onnx.ModelProto) -> list[str]:
+    """The external data files the model's tensors point to, in order of first use."""
+    return list(dict.fromkeys(ExternalDataInfo(t).location for t in _tensors(model) if uses_external_data(t)))
 
 
 def _fixed_input(model: onnx.ModelProto, input_shape: tuple[int, ...] | None, where: str) -> tuple[onnx.ValueInfoProto, tuple[int, ...]]:
@@ -184,6 +211,9 @@ def onnx_to_graph(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = 
     ctx.shapes[Graph.INPUT] = shape
     ctx.vars[inp.name] = Graph.INPUT
     ctx.consumed = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    if _external_files(model):  # read_model loads them; a ModelProto must come with them loaded
+        raise ModelError("the model's weights are in external data files that were not loaded", where,
+                         "pass the path of the .onnx file, or load the model with onnx.load(path) (which reads them)")
     for init in model.graph.initializer:
         ctx.consts[init.name] = numpy_helper.to_array(init)
     problems: list[tuple[str, str, str]] = []

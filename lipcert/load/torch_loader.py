@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, UnsupportedModelError
 from ..graph import Graph
 from .onnx_loader import onnx_to_graph
 
@@ -68,11 +68,15 @@ def module_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onn
     tried = f"an input of shape {tuple(input_shape)} (the batch axis included)"
     try:
         with torch.no_grad():
-            module(example)
+            out = module(example)
     except Exception as exc:
         hint = (f"input_shape is the shape of a whole batch, batch axis first: for examples of shape {tuple(input_shape)} "
                 f"pass {(1, *input_shape)}; check that module(torch.zeros(input_shape)) runs")
         raise ModelError(f"the module cannot be evaluated on {tried}: {type(exc).__name__}: {str(exc)[:300]}", where, hint) from None
+    if not isinstance(out, torch.Tensor):  # a dict, tuple or list of outputs: which one to bound is the user's choice
+        pick = f"[{next(iter(out))!r}]" if isinstance(out, dict) and out else "[0]"
+        raise UnsupportedModelError([("(output)", where, f"forward returns a {type(out).__name__}, not one tensor; lipcert bounds a module "
+                                      f"whose forward returns the one tensor to bound (wrap it, e.g. forward(x) = model(x){pick})")])
     try:
         buffer = io.BytesIO()
         with warnings.catch_warnings():
