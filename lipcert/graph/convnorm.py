@@ -464,8 +464,8 @@ def grouped_dense_norm(conv) -> tuple[float, bool]:
 # matrix of the layer's smaller side is formed block by block from the kernel's tap products
 # W_a^T W_b; its largest eigenvalue is estimated by Lanczos (through the convolution itself) and
 # proven by a float64 block Cholesky factorisation over bands of grid rows (the Gram matrix is
-# block tridiagonal there): at most TIGHT_SIDE rows per group (16384: about 20 s on one core;
-# 25088, a 512-channel layer on 7x7 inputs as in ImageNet ResNets, about 90 s).
+# block banded there): at most TIGHT_SIDE rows per group (16384: about 12 s on one core;
+# 25088, a 512-channel layer on 7x7 inputs as in ImageNet ResNets, about 50 s).
 TIGHT_SIDE = 25600
 MIN_BAND = 512  # numbers per band of the proof at least: fewer make many small, slow steps
 # below this relative gain over the circular bound (which is then within it of the exact norm),
