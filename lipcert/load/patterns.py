@@ -278,7 +278,7 @@ def _circular_shift(op: LinearOp) -> tuple[int, ...] | None:
     n = shape_in[2:]
     begins = tuple(int((-i) % k) for i, k in zip(first[2:], n))
     grids = torch.meshgrid(*[torch.arange(c) for c in shape_out], indexing="ij")
-    expected = grids[0] * 0 + grids[1]  # batch 0, channel c, then (i - p) mod n per spatial axis
+    expected = grids[1].clone()  # the flat source index: channel c, then (i - p) mod n per spatial axis
     for axis, (p, k) in enumerate(zip(begins, n)):
         expected = expected * k + (grids[axis + 2] - p) % k
     return begins if bool((source == expected).all()) else None
