@@ -521,7 +521,7 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     """
     from .load import load
 
-    norm = _check_arguments("certified_radius", norm, method, pairs, budget)
+    norm = _check_arguments("certified_radius", norm, method, pairs, budget, jobs)
     graph = load(model, input_shape)  # a Graph comes back as is
     if graph.output_dim < 2:  # a radius is a margin between two classes' scores
         raise InputError(f"certified radii need a classifier with at least 2 outputs (one score per class); this model has {graph.output_dim}",
@@ -558,13 +558,15 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     return Certificates(radii, predicted, labels, consts, global_radii, how, before)
 
 
-def _check_arguments(func: str, norm: Any, method: str, pairs: str, budget: Any) -> str:
+def _check_arguments(func: str, norm: Any, method: str, pairs: str, budget: Any, jobs: Any = None) -> str:
     """The arguments certify and certified_radius pass on, checked under the name the user called
     (the functions they reach would name themselves: pairwise_constants(), Budget()); the norm."""
     check_choice(func, "method", method, ("sdp", "naive"))
     check_choice(func, "pairs", pairs, ("binding", "all"))
     if budget is not None and not isinstance(budget, Budget):
         check_range(func, "budget", budget, 0.0, kind=float)
+    if jobs is not None:
+        check_range(func, "jobs", jobs, 1)
     return normalize_norm(norm, func)
 
 
@@ -584,7 +586,7 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
     ``settings``, ``pairs``, ``local``, ``jobs``: see ``certified_radius``."""
     from .load import load
 
-    _check_arguments("certify", norm, method, pairs, budget)
+    _check_arguments("certify", norm, method, pairs, budget, jobs)
     for e in eps or []:  # a NaN radius would give a certified accuracy of 0 at "nan"
         if not (isinstance(e, numbers.Real) and math.isfinite(e) and e >= 0):
             raise InputError(f"The 'eps' parameter of certify() must hold finite numbers >= 0. Got {e!r} instead.")

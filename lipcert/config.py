@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +30,8 @@ def check_choice(func: str, param: str, value: Any, choices: tuple | list) -> No
 
 
 def check_range(func: str, param: str, value: Any, low: float, high: float = math.inf, kind: type = int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not low <= value <= high:
+    # numbers.Real / Integral: numpy scalars (np.float32(0.1), np.int64(4)) count as numbers too
+    if isinstance(value, bool) or not isinstance(value, numbers.Real if kind is float else numbers.Integral) or not low <= value <= high:
         bounds = f"[{low}, {'inf' if high == math.inf else high}]"
         raise InputError(f"The '{param}' parameter of {func}() must be {'an int' if kind is int else 'a number'} in {bounds}. Got {value!r} instead.")
 

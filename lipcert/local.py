@@ -48,6 +48,7 @@ Mathematics (the proof behind every number this module calls proven):
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,7 +135,7 @@ class Region:
 
     @staticmethod
     def ball(center: Any, radius: float, norm: Any = 2) -> "Region":
-        if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0):
+        if isinstance(radius, bool) or not (isinstance(radius, numbers.Real) and math.isfinite(radius) and radius >= 0):
             raise InputError(f"the radius must be a finite number >= 0, got {radius!r}", None, "give e.g. radius=0.05")
         c = np.asarray(center, np.float64).reshape(-1)
         if not np.isfinite(c).all():  # a NaN centre makes every interval NaN, and NaN compares as "stable"

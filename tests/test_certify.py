@@ -65,6 +65,9 @@ def test_misclassified_points_get_radius_zero():
         certified_radius(graph, x, np.full(30, 7))
     with pytest.raises(lipcert.InputError, match="labels for"):
         certified_radius(graph, x, labels[:3])
+    with pytest.raises(lipcert.InputError, match="'jobs' parameter of certified_radius"):
+        certified_radius(graph, x, jobs="a")
+    assert len(certified_radius(graph, x, jobs=np.int64(1)).radii) == 30  # numpy integers are integers
     # constants reused from another norm would give radii in the wrong norm: refused
     linf = pairwise_constants(graph, "inf", "naive")
     with pytest.raises(lipcert.InputError, match="constants given are for the inf norm"):

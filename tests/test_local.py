@@ -350,6 +350,6 @@ def test_channelwise_prelu_after_a_convolution_gets_global_and_local_bounds():
     sampled = max(op_norm(J, "2") for J in jacobians(graph, sample_region(region, 60, rng)))
     assert sampled <= local.value
     # at a point (radius 0) every neuron is stable: per-channel slopes, not the widest interval
-    point = local_bound(graph, center, 0.0, norm=2)
+    point = local_bound(graph, center, np.float32(0.0), norm=2)  # a numpy scalar radius is a number
     assert point.details["unstable_neurons"] == [0, 0]
     assert op_norm(jacobians(graph, center[None])[0], "2") <= point.value <= sdp.value
