@@ -207,7 +207,7 @@ def slopes_on(act: Activation, l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray
     if k == "softplus":
         return np.maximum(_sigmoid(l) - 1e-12, 0.0), np.minimum(_sigmoid(u) + 1e-12, 1.0)
     if k == "prelu" and l.size == math.prod(act.out_shape):  # a leaky ReLU per channel
-        a = np.broadcast_to(act.params["slope"].numpy(), act.out_shape).ravel()
+        a = act.neuron_slopes()
         alpha = np.where(l > 0, 1.0, np.where(u < 0, a, np.minimum(a, 1.0)))
         beta = np.where(l > 0, 1.0, np.where(u < 0, a, np.maximum(a, 1.0)))
         return alpha, beta

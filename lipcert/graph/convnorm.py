@@ -123,10 +123,10 @@ def prefetch_l2_norms(ops: list, workers: int = min(2, os.cpu_count() or 1), tig
 
     from .. import progress
 
-    todo = sorted(ops, key=cost, reverse=True)
+    costs = {id(op): cost(op) for op in ops}  # once each: a tight layer's cost builds its SideGram
+    todo = sorted(ops, key=lambda op: costs[id(op)], reverse=True)
     if not todo:
         return
-    costs = {id(op): cost(op) for op in todo}
     total = sum(costs.values()) or 1.0
     label = "layer norms (exact routes)" if tight else "layer norms"
     with single_threaded(), concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, progress.bar(label, len(todo)) as bar:

@@ -116,6 +116,11 @@ class Activation(Node):
     def parameters(self) -> list[torch.Tensor]:
         return [self.params["slope"]] if self.kind == "prelu" else []
 
+    def neuron_slopes(self) -> np.ndarray:
+        """PReLU's negative-side slope of every neuron, flat: its slopes (per channel, (C, 1, 1)
+        after a convolution) broadcast over the output shape."""
+        return np.broadcast_to(self.params["slope"].numpy(), self.out_shape).ravel()
+
     def lipschitz(self, p: str) -> tuple[float, bool, str]:
         # elementwise and slope-restricted: the same constant for every p-norm
         a, b = self.slope_interval

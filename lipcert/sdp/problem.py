@@ -249,7 +249,7 @@ def problem_from_graph(graph: Graph) -> LipSDPProblem | str:
         elif isinstance(n, Activation) and not expect_affine:
             a, b = n.slope_interval
             if n.kind == "prelu":  # per-channel slopes broadcast to the neurons
-                s = np.broadcast_to(n.params["slope"].numpy(), n.out_shape).ravel()  # (C, 1, 1) after a conv
+                s = n.neuron_slopes()
                 a_vec, b_vec = np.minimum(s, 1.0), np.maximum(s, 1.0)
             else:
                 a_vec, b_vec = np.full(weights[-1].shape[0], a), np.full(weights[-1].shape[0], b)
