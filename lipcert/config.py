@@ -21,6 +21,13 @@ EPS = 2.0**-52
 def gamma(k: int) -> float:
     return k * EPS / (1.0 - k * EPS)
 
+
+def gram_norm_margin(big: int, rank: int) -> float:
+    """The factor that covers rounding when a norm is taken as sqrt(lambda_max(W^H W)) with the
+    Gram matrix formed in float64 from W (big x rank, big >= rank): its entries move by at most
+    (big + 2) eps |W|^H |W|, of norm at most rank ||W||^2; doubled."""
+    return 1.0 + 2.0 * (big + 2) * rank * EPS
+
 NORMS = ("2", "inf", "1")
 
 

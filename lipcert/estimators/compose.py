@@ -52,7 +52,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from ..config import EPS, Settings, gamma
+from ..config import EPS, Settings, gamma, gram_norm_margin
 from ..graph import Activation, Affine, Concat, Extremum, Graph, MaxPool, Node, NormPool, Sort, Sum
 from ..result import Result
 from .base import SAFETY, register
@@ -205,9 +205,7 @@ def layer_norm(node: Affine) -> float:
             cache["2"] = node.lin.norm_bound("2")[0]
         else:
             g = _mm(W, W.T) if W.shape[0] <= W.shape[1] else _mm(W.T, W)
-            # forming g moves it by at most (big + 2) eps |W|^T |W|: as convnorm.max_singular
-            margin = 1.0 + 2.0 * (max(W.shape) + 2) * min(W.shape) * EPS
-            cache["2"] = math.sqrt(max(_lam_max(g), 0.0)) * margin if g.size else 0.0
+            cache["2"] = math.sqrt(max(_lam_max(g), 0.0)) * gram_norm_margin(max(W.shape), min(W.shape)) if g.size else 0.0
     return cache["2"] * (1.0 + SAFETY)
 
 

@@ -42,7 +42,7 @@ from typing import Iterator
 
 import torch
 
-from ..config import EPS, gamma
+from ..config import gamma, gram_norm_margin
 
 # Dense route when a layer's groups cost at most this many flops (about g * n_min^2 * n_max for
 # the SVDs) and hold at most DENSE_ENTRIES numbers: a few seconds at most (the
@@ -223,8 +223,7 @@ def max_singular(mats: torch.Tensor, chunk_entries: int = 1 << 24) -> tuple[floa
             top = max(top, float(torch.linalg.eigvalsh(gram)[:, -1].max()))
         else:
             top = max(top, _top_eig_certified(gram))
-    margin = 1.0 + 2.0 * (big + 2) * rank * EPS
-    return math.sqrt(max(top, 0.0)) * margin, True
+    return math.sqrt(max(top, 0.0)) * gram_norm_margin(big, rank), True
 
 
 # --- kernels ----------------------------------------------------------------------------------
