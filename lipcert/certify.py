@@ -399,6 +399,17 @@ def _first_done(inflight: dict[tuple[int, int], tuple[Any, float]]) -> tuple[int
     return min(futures[f] for f in done)
 
 
+def margin_radius(margins: np.ndarray, constants: np.ndarray | float) -> float:
+    """min_j margins_j / constants_j: the radius within which no margin can reach 0. A zero
+    constant (a margin that does not depend on the input) never flips: inf while its margin is
+    positive; a margin at or below 0 gives radius 0 whatever its constant."""
+    margins, constants = np.broadcast_arrays(np.asarray(margins, float), np.asarray(constants, float))
+    if len(margins) == 0 or np.any(margins <= 0):
+        return 0.0
+    with np.errstate(divide="ignore"):
+        return float(np.min(np.where(constants > 0, margins / np.maximum(constants, 1e-300), np.inf)))
+
+
 def _margins(row: np.ndarray) -> tuple[int, np.ndarray]:
     y = int(row.argmax())
     margins = row[y] - row
@@ -414,7 +425,7 @@ def _unsettled(matrix: np.ndarray, lower: np.ndarray, logits: np.ndarray, labels
         for i in idx:
             y, margins = _margins(logits[i])
             others = [c for c in range(len(margins)) if c != y]
-            radius = float(np.min(margins[others] / matrix[y, others]))
+            radius = margin_radius(margins[others], matrix[y, others])
             with np.errstate(divide="ignore"):
                 r_up = float(np.min(np.where(lower[y, others] > 0, margins[others] / np.maximum(lower[y, others], 1e-300), np.inf)))
             if radius < SETTLE * r_up:
@@ -546,8 +557,8 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
             continue  # misclassified: radius 0
         others = [j for j in range(len(row)) if j != y]
         margins = np.array([row[y] - row[j] for j in others])
-        radii[i] = float(np.min(margins / consts.matrix[y, others]))
-        global_radii[i] = float(np.min(margins) / gfactor)
+        radii[i] = margin_radius(margins, consts.matrix[y, others])
+        global_radii[i] = margin_radius(margins, gfactor)
     how, before = None, None
     if local:  # local constants over the ball itself (lipcert/local.py)
         from .local import local_radii
@@ -594,7 +605,8 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
     certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven, budget=budget, settings=settings,
                              pairs=pairs, local=local, jobs=jobs)
     eps = sorted(eps) if eps else []
-    top = float(certs.radii.max()) if len(certs.radii) else 0.0
+    finite = certs.radii[np.isfinite(certs.radii)]  # a constant margin's radius is inf
+    top = float(finite.max()) if len(finite) else 0.0
     grid = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, 41)
     return {
         "norm": certs.constants.norm,

@@ -82,6 +82,23 @@ def _budget_lines(budget: Any) -> list[str]:
     return [f"budget: {'; '.join(budget.cut)}.", f"budget: {budget.advice()}."]
 
 
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def echo_json(obj: Any) -> None:
+    """Strict JSON on stdout: a non-finite number (the infinite radius of a point whose margins do
+    not depend on the input) is written as null; json.dumps would write Infinity, which JSON
+    parsers other than Python's refuse."""
+    click.echo(json.dumps(_finite_or_none(obj), allow_nan=False))
+
+
 def _budget_json(budget: Any) -> dict[str, Any]:
     return {"seconds": budget.seconds, "elapsed_s": round(budget.elapsed(), 2), "cut": list(budget.cut),
             "advice": budget.advice() if budget.cut else None}
@@ -238,8 +255,8 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     best = getattr(best_proven(results), "method", None)
     if as_json:
         rows = [{**r.to_dict(), "best": r.method == best} for r in results]
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "best_upper": best, "results": rows, "skipped": skipped,
-                               "budget": _budget_json(allowance)}))
+        echo_json({"model": model, "sha256": graph.sha256, "best_upper": best, "results": rows, "skipped": skipped,
+                               "budget": _budget_json(allowance)})
     else:
         out = format_results(results, layers=layers, best=best if len(results) > 1 else None)
         for name, reason in skipped.items():
@@ -278,7 +295,7 @@ def _local_bound(model: str, graph: Any, method: str, norm: str, center: str | N
     results = [local_bound(graph, norm=norm, method=m, **kw) for m in names]
     region = results[0].details["region"]
     if as_json:
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "region": region, "results": [r.to_dict() for r in results]}))
+        echo_json({"model": model, "sha256": graph.sha256, "region": region, "results": [r.to_dict() for r in results]})
         return
     click.echo(format_results(results))
     where = f"box ({box[0]}, {box[1]})" if box else f"l{norm} ball of radius {radius:g} around {center}"
@@ -296,7 +313,7 @@ def info(model: str, input_shape, as_json: bool, quiet: bool) -> None:
     graph = _load(model, input_shape)
     rows = graph.summary()
     if as_json:
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape), "nodes": rows}))
+        echo_json({"model": model, "sha256": graph.sha256, "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape), "nodes": rows})
         return
     click.echo(f"model:  {model}\nsha256: {graph.sha256}\ninput:  {list(graph.input_shape)}  output: {list(graph.output_shape)}\nnodes:  {len(rows)}\n")
     click.echo(_table([[r["name"], r["op"], r["type"], ",".join(r["inputs"]), "x".join(map(str, r["out_shape"])), r["detail"]] for r in rows], ["node", "op", "type", "inputs", "output", "detail"]))
@@ -308,7 +325,10 @@ def ops(as_json: bool) -> None:
     """List the ONNX ops lipcert can load and bound."""
     from .catalog import OPS  # a copy of the converter registry: no onnx or torch import
 
-    click.echo(json.dumps(list(OPS)) if as_json else "\n".join(OPS))
+    if as_json:
+        echo_json(list(OPS))
+    else:
+        click.echo("\n".join(OPS))
 
 
 @main.command()
@@ -319,7 +339,7 @@ def methods(as_json: bool) -> None:
 
     solvers = sdp_solvers()
     if as_json:
-        click.echo(json.dumps({"methods": METHODS, "sdp_solvers": ["lipcert-fast", *solvers]}))
+        echo_json({"methods": METHODS, "sdp_solvers": ["lipcert-fast", *solvers]})
         return
     for name, text in METHODS.items():
         click.echo(f"{name:<10} {text}")
@@ -356,7 +376,7 @@ def lower(model: str, input_shape, norm: str, starts: int | None, steps: int | N
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "results": [result.to_dict()]}))
+        echo_json({"model": model, "sha256": graph.sha256, "results": [result.to_dict()]})
     else:
         click.echo(format_results([result]))
         click.echo(f"witness: x = {np.round(np.asarray(result.witness['x']).ravel()[:6], 6).tolist()}{' ...' if graph.input_dim > 6 else ''}, y = x + {result.witness['t']:.3g} v")
@@ -404,7 +424,7 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
     progress.note("computing the pairwise margin constants" + (f" (budget {budget:g} s) ..." if allowance.limited else " ..."))
     out = run_certify(graph, x, y, eps, norm=norm, method=method, budget=allowance, pairs=pairs, local=local, jobs=jobs)
     if as_json:
-        click.echo(json.dumps({"model": model, "sha256": graph.sha256, "data": data, **out, "budget": _budget_json(allowance)}))
+        echo_json({"model": model, "sha256": graph.sha256, "data": data, **out, "budget": _budget_json(allowance)})
         return
     radii = np.array([p["radius"] for p in out["points"]])
     click.echo(f"{len(radii)} points, clean accuracy {out['clean_accuracy']:.3f}, l{norm} norm")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -326,3 +327,33 @@ def test_residual_networks_get_their_global_bound_from_compose():
         with torch.no_grad():
             out = graph.forward(torch.from_numpy(xi[None] + d)[:, None]).reshape(200, -1).numpy()
         assert (out.argmax(1) == y).all()
+
+
+def _constant_classifier(tmp_path):
+    """A classifier whose logits do not depend on the input (zero weights, bias picks class 2)."""
+    layer = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor([0.0, 0.5, 1.0]))
+    x = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+    labels = np.array([2, 0, 2, 1])
+    np.savez(tmp_path / "data.npz", x=x, y=labels)
+    return torch.nn.Sequential(layer), x, labels
+
+
+def test_a_margin_that_does_not_depend_on_the_input_has_infinite_radius(tmp_path):
+    """Every constant is 0: correct points can never flip (radius inf), the others get 0, with no
+    division warnings, and the CLI's JSON stays strict (null, not Infinity)."""
+    net, x, labels = _constant_classifier(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        certs = certified_radius(lipcert.load(net, (1, 4)), x, labels, method="naive")
+        out = certify(net, x, labels, eps=[0.1], method="naive", input_shape=(1, 4))
+    assert certs.radii.tolist() == [math.inf, 0.0, math.inf, 0.0]
+    assert out["certified_accuracy"] == {"0.1": 0.5} and all(math.isfinite(r) for r in out["curve"]["radius"])
+    path = tmp_path / "const.onnx"
+    torch.onnx.export(net, torch.zeros(1, 4), str(path), dynamo=False)
+    res = run(path, "--data", tmp_path / "data.npz", "--method", "naive", "--json")
+    assert res.exit_code == 0, res.output
+    points = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))["points"]
+    assert [p["radius"] for p in points] == [None, 0.0, None, 0.0] and [p["certified"] for p in points] == [True, False, True, False]

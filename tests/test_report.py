@@ -163,3 +163,23 @@ def test_report_renders_in_headless_chromium(spiral_report, chromium, tmp_path):
     blue = (abs(img - np.array([0x1F, 0x5F, 0xA8])).sum(2) < 30).mean()
     assert blue > 0.01, blue
     assert img.std() > 20  # not a blank page
+
+
+def test_report_of_a_constant_network_renders(tmp_path):
+    """Bounds 0 <= L <= 0 and points with an infinite radius: no division by zero, no log axis of
+    zeros, the infinite radii counted in the histogram's label."""
+    import torch
+
+    layer = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor([0.0, 0.5, 1.0]))
+    model = tmp_path / "const.onnx"
+    torch.onnx.export(torch.nn.Sequential(layer), torch.zeros(1, 4), str(model), dynamo=False)
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32), y=np.array([2, 0, 2, 1]))
+    out = tmp_path / "const.html"
+    res = CliRunner().invoke(main, ["report", str(model), "--data", str(tmp_path / "data.npz"), "-o", str(out), "--budget", "30"])
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    assert "0 \u2264 L \u2264 0" in html and "the network is constant" in html
+    assert "2 infinite, not shown" in html

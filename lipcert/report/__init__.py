@@ -53,7 +53,8 @@ def render(graph: Graph, results: list[Result], path: str | Path, command: str =
         interval = f"{low.value:.6g} \u2264 L \u2264 {best.value:.6g}"
         sentence = (f"Proven: for all inputs x, y, ||f(x) - f(y)|| \u2264 {best.value:.6g} ||x - y|| (l{norm} norm, by {best.method}). "
                     f"Witnessed: two inputs stretch by {low.value:.6g} (by {low.method}), so the true constant lies in this interval; "
-                    f"the gap is a factor {best.value / low.value:.3g}.")
+                    + (f"the gap is a factor {best.value / low.value:.3g}." if low.value > 0 else
+                       "the bounds meet at 0: the network is constant." if best.value == 0 else "the lower bound is 0."))
     elif best:
         interval = f"L \u2264 {best.value:.6g}"
         sentence = f"Proven: for all inputs x, y, ||f(x) - f(y)|| \u2264 {best.value:.6g} ||x - y|| (l{norm} norm, by {best.method})."
@@ -79,7 +80,7 @@ def render(graph: Graph, results: list[Result], path: str | Path, command: str =
     }
     if certificates:
         ctx["curve_svg"] = figures.accuracy_curve(certificates["curve"]["radius"], certificates["curve"]["certified_accuracy"], certificates.get("global_curve"))
-        ctx["hist_svg"] = figures.radius_histogram([p["radius"] for p in certificates["points"] if p["certified"]] or [0.0])
+        ctx["hist_svg"] = figures.radius_histogram([p["radius"] for p in certificates["points"] if p["certified"]])
         if certificates.get("local"):  # local constants and an attack (lipcert report --local)
             curves = {"global (pairwise) constants": certificates["pairwise_radii"], "local constants": [p["radius"] for p in certificates["points"]]}
             if certificates.get("attack_radii") is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import matplotlib
@@ -31,7 +32,8 @@ def layer_norms(names: list[str], values: list[float], cumulative: list[float | 
     ax.bar(xs, values, color=BLUE, label="layer norm")
     cum = [c if c is not None else float("nan") for c in cumulative]
     ax.plot(xs, cum, color=ORANGE, marker="o", ms=3 if n <= 40 else 1.5, label="bound so far")
-    ax.set_yscale("log")
+    if any(v > 0 for v in values):  # a log axis needs a positive value (a zero layer: linear)
+        ax.set_yscale("log")
     step = max(1, -(-n // 40))  # at most about 40 names
     ticks = list(range(0, n, step))
     ax.set_xticks(ticks, [names[i][-18:] for i in ticks], rotation=40 if step == 1 else 60, ha="right", fontsize=7 if n <= 40 else 6)
@@ -52,7 +54,7 @@ def methods(rows: list[dict[str, Any]], lower: float | None) -> str:
         return _svg(fig)
     colors = {"upper": BLUE, "estimate": GREY, "lower": GREEN}
     values = [r["value"] for r in rows]
-    log = max(values) > 30 * max(min(values), 1e-300)
+    log = min(values) > 0 and max(values) > 30 * min(values)  # a 0 (constant network) keeps it linear
     ys = list(range(len(rows)))
     left = min(values) / 3 if log else 0.0
     ax.barh(ys, [v - left for v in values], left=left, color=[colors[r["kind"]] for r in rows])
@@ -63,7 +65,7 @@ def methods(rows: list[dict[str, Any]], lower: float | None) -> str:
         ax.set_xscale("log")
     if lower:
         ax.axvline(lower, color=GREEN, ls="--", lw=1)
-    ax.set_xlim(left, max(values) * (3 if log else 1.15))
+    ax.set_xlim(left, (max(values) or 1.0) * (3 if log else 1.15))
     ax.invert_yaxis()
     ax.set_xlabel("value" + (" (log scale)" if log else ""))
     return _svg(fig)
@@ -103,8 +105,13 @@ def radius_curves(curves: dict[str, list[float]], styles: dict[str, tuple[str, s
 
 
 def radius_histogram(radii: list[float]) -> str:
+    """Histogram of the finite radii; infinite ones (margins that do not depend on the input) are
+    counted in the axis label."""
+    finite = [r for r in radii if math.isfinite(r)]
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
-    ax.hist(radii, bins=30, color=BLUE)
-    ax.set_xlabel("certified radius")
+    if finite:
+        ax.hist(finite, bins=30, color=BLUE)
+    unbounded = len(radii) - len(finite)
+    ax.set_xlabel("certified radius" + (f" ({unbounded} infinite, not shown)" if unbounded else ""))
     ax.set_ylabel("points")
     return _svg(fig)
