@@ -50,7 +50,7 @@ from ..config import Settings
 from ..data import input_batch, load_npz
 from ..errors import InputError
 from ..graph import Activation, Affine, Graph, MaxPool
-from ..graph.linear import AvgPool, Composed, Conv, LinearOp, MatMul
+from ..graph.linear import AvgPool, CircularConv, Composed, Conv, LinearOp, MatMul
 from ..result import Result
 from ..witness import check_witness, recompute
 from .base import register
@@ -85,7 +85,7 @@ def _has_conv(graph: Graph) -> bool:
     def conv_like(lin: Any) -> bool:
         if isinstance(lin, Composed):
             return any(conv_like(op) for op in lin.ops)
-        return isinstance(lin, (Conv, AvgPool))
+        return isinstance(lin, (Conv, CircularConv, AvgPool))
 
     return any(isinstance(n, MaxPool) or (isinstance(n, Affine) and conv_like(n.lin)) for n in graph.nodes)
 
@@ -335,6 +335,8 @@ def _op_flops(op: LinearOp) -> float:
         return 2.0 * float(np.prod(op.out_shape if not op.transposed else op.in_shape)) * ci * taps
     if isinstance(op, MatMul):
         return 2.0 * float(np.prod(op.out_shape)) * op.weight.shape[1]
+    if isinstance(op, CircularConv):
+        return _op_flops(op.pad) + _op_flops(op.conv)
     parts = getattr(op, "ops", None)
     if parts:
         return sum(_op_flops(p) for p in parts)
