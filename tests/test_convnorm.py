@@ -448,3 +448,32 @@ def test_circularly_padded_convolution_is_one_exact_circular_convolution(nd, k, 
         value, is_exact, _ = lin.norm_bound(p)
         assert is_exact and ref <= value * SAFE <= ref * (1 + 1e-8)
         assert lipcert.bound(graph, "naive", norm=p).value >= ref
+
+
+def test_batch_norm_after_a_circular_convolution_is_folded_into_its_kernel(tmp_path):
+    """An eval-mode batch-norm that the export leaves after a circular convolution (exported
+    without constant folding): the two merge into one layer whose norms are the exact ones of
+    conv + batch-norm (a product of the two norms before), in l2, l1 and linf."""
+    import lipcert
+    from lipcert.graph.linear import Composed
+
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular", bias=False).double()
+    bn = torch.nn.BatchNorm2d(3).double().eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([0.1, 2.0, 5.0]))
+        bn.running_mean.normal_()
+        bn.weight.copy_(torch.tensor([1.5, -0.3, 0.8]))
+    net = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).eval()
+    shape = (1, 2, 6, 6)
+    torch.onnx.export(net.float(), torch.zeros(shape), str(tmp_path / "m.onnx"), dynamo=False, do_constant_folding=False)
+    net.double()
+    graph = lipcert.load(tmp_path / "m.onnx")
+    assert [n.op for n in graph.nodes][:2] == ["Conv(circular padding)", "BatchNormalization"]
+    jac = torch.autograd.functional.jacobian(lambda x: bn(conv(x.reshape(shape))).reshape(-1), torch.zeros(72, dtype=torch.float64))
+    for p, order in (("2", 2), ("inf", math.inf), ("1", 1)):
+        ref = float(torch.linalg.matrix_norm(jac, order))
+        first = lipcert.bound(graph, "naive", norm=p).layers[0]
+        assert isinstance(graph.merge_linear().nodes[0].lin, Composed) and first.exact
+        assert "(scales folded into the kernel)" in first.how  # not a dense probe: any size
+        assert ref <= first.value * SAFE <= ref * (1 + 1e-8)

@@ -501,6 +501,22 @@ def as_conv(op: LinearOp) -> Conv | None:
     return Conv(in_shape, weight.numpy(), conv.strides, (*begins, *ends), conv.dilations, g, conv.transposed, conv.output_padding)
 
 
+def as_circular(op: LinearOp) -> CircularConv | None:
+    """One CircularConv equal to ``op`` when op is a circular convolution with per-channel scales
+    around it (an unfolded batch-norm after it), folded into its kernel like as_conv does; else None."""
+    ops = list(op.ops) if isinstance(op, Composed) else [op]
+    ops = [o for o in ops if not (isinstance(o, Reshape) and o.in_shape == o.out_shape)]
+    circs = [i for i, o in enumerate(ops) if isinstance(o, CircularConv)]
+    if len(circs) != 1 or not all(isinstance(o, Scale) and _channel_factor(o) is not None for o in ops if not isinstance(o, CircularConv)):
+        return None
+    circ: CircularConv = ops[circs[0]]
+    # a channel scale before the circular padding (a per-channel selection) commutes with it
+    shape = circ.conv.in_shape
+    before = [Scale(shape, _channel_factor(o).numpy().reshape(-1, *[1] * (len(shape) - 2))) for o in ops[: circs[0]]]
+    conv = as_conv(Composed([*before, circ.conv, *ops[circs[0] + 1 :]]))
+    return None if conv is None else CircularConv(circ.pad, conv)
+
+
 def conv_of(op: LinearOp) -> Conv | None:
     """``as_conv(op)``, the same object on every call for a Composed (its cached ``conv``), so
     that the norm cached on it is reused."""
@@ -613,9 +629,16 @@ class Composed(LinearOp):
         """The chain as one convolution (scales and padding folded in), when it is one."""
         return as_conv(self)
 
+    @cached_property
+    def circular(self) -> CircularConv | None:
+        """The chain as one circular convolution (scales folded in), when it is one."""
+        return None if self.conv is not None else as_circular(self)
+
     def exact_norm(self, p: str) -> float | None:
         if self.conv is not None:
             return self.conv.exact_norm(p)
+        if self.circular is not None:
+            return self.circular.exact_norm(p)
         core = [op for op in self.ops if not isinstance(op, (Reshape, Transpose))]
         if not core:
             return 1.0
@@ -627,6 +650,9 @@ class Composed(LinearOp):
         if self.conv is not None:
             value, exact, how = self.conv.norm_bound(p)
             return value, exact, how + (" (scales folded into the kernel)" if len(self.ops) > 1 else "")
+        if self.circular is not None:
+            value, exact, how = self.circular.norm_bound(p)
+            return value, exact, how + " (scales folded into the kernel)"
         exact = self.exact_norm(p)
         if exact is not None:
             return exact, True, "dense svd" if p == "2" else "dense row/col sums"
