@@ -257,6 +257,23 @@ def test_graph_disagreeing_with_onnxruntime_is_refused(monkeypatch):
         lipcert.load(one_node_model("Relu", [1, 8]))
 
 
+def test_double_precision_onnx_is_cross_checked_on_a_float32_copy(tmp_path, monkeypatch):
+    """onnxruntime has no double Conv kernel: a float64 export was refused as "cannot run this
+    model"; its float32 copy is cross-checked instead, and still catches a wrong converter."""
+    from lipcert.graph import nodes
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(48, 2)).double()
+    path = tmp_path / "double.onnx"
+    torch.onnx.export(net, torch.zeros(1, 2, 4, 4, dtype=torch.float64), str(path), dynamo=False)
+    graph = lipcert.load(path)
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    assert torch.allclose(graph.forward(x[None])[0], net(x), rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(nodes.Activation, "forward", lambda self, x: x)  # a broken ReLU
+    with pytest.raises(ModelError, match="disagrees with onnxruntime"):
+        lipcert.load(path)
+
+
 def test_linear_branches_of_the_graph_input_are_one_exact_layer():
     """x - conv(x) with x the network's input: the two branches (one of them the input itself)
     are one linear map whose exact norm is taken, not the sum of the branches' norms."""
