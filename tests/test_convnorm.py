@@ -393,7 +393,7 @@ def test_gram_at_a_passed_deadline_keeps_the_circular_bounds_and_says_so(monkeyp
     import time as _time
 
     import lipcert
-    from lipcert.estimators import _was_cut
+    from lipcert.estimators import was_cut
 
     monkeypatch.setattr(convnorm, "DENSE_ENTRIES", 0)
     torch.manual_seed(1)
@@ -404,10 +404,10 @@ def test_gram_at_a_passed_deadline_keeps_the_circular_bounds_and_says_so(monkeyp
     conv_layers = [[lay.value for lay in r.layers if lay.op == "Conv"] for r in (naive, cut)]
     assert conv_layers[0] == conv_layers[1] and len(conv_layers[0]) == 1
     assert cut.value == pytest.approx(naive.value, rel=1e-8)  # the dense layer: Gram iteration against an SVD
-    assert cut.details["exact_route_cut"] == 1 and _was_cut(cut)
+    assert cut.details["exact_route_cut"] == 1 and was_cut(cut)
     assert any(convnorm.CUT_NOTE in w for w in cut.warnings)
     full = lipcert.bound(graph, method="gram")
-    assert full.details["exact_route_cut"] == 0 and not _was_cut(full)
+    assert full.details["exact_route_cut"] == 0 and not was_cut(full)
     assert full.value < naive.value * 0.99
 
 
@@ -477,3 +477,18 @@ def test_batch_norm_after_a_circular_convolution_is_folded_into_its_kernel(tmp_p
         assert isinstance(graph.merge_linear().nodes[0].lin, Composed) and first.exact
         assert "(scales folded into the kernel)" in first.how  # not a dense probe: any size
         assert ref <= first.value * SAFE <= ref * (1 + 1e-8)
+
+
+def test_single_threaded_reaches_numpy_and_scipy_blas():
+    """torch.set_num_threads does not reach the OpenBLAS of numpy and scipy (scipy's eigh spin-waited
+    on a loaded machine: 124 s instead of 2.4 s); single_threaded limits them too, and restores."""
+    import scipy.linalg  # noqa: F401  (its OpenBLAS loaded)
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    with convnorm.single_threaded():
+        assert blas_threads() and set(blas_threads()) == {1}
+    assert blas_threads() == before

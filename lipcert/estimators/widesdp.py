@@ -418,13 +418,15 @@ def _smooth_max(tl: _Torch, s: torch.Tensor, Xi: torch.Tensor | None, mu: float,
     return _SmoothTop.apply(M, mu, hint)
 
 
-def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: bool = True, tick=None) -> torch.Tensor:
+def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: bool = True, tick=None,
+             stop: float = math.inf) -> torch.Tensor:
     """Search variables (G, multipliers) of the best one-parameter family on a grid: the units'
     (see _initial_units), then the window constraints as M = a I, m = a theta 1 (a = f x the
     multiplier of the window's unit, theta 0 or 1 / (k - 1)). ``window_start``: the units'
     multipliers scaled by 1e-6 first, so that the window constraints carry the bound (see
-    WINDOW_START_S)."""
-    s = _initial_units(tl, Xi, G, n, tick)
+    WINDOW_START_S). ``stop`` (a time.perf_counter() value): the grids end there with the best
+    point found so far (each point costs an eigenvalue problem: 1.3 s on Convnet_maxpool under load)."""
+    s = _initial_units(tl, Xi, G, n, tick, stop)
     if tl.window_unit < 0:
         return s
     k = tl.k
@@ -435,6 +437,8 @@ def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: 
     for theta in (0.0, 1.0 / max(k - 1, 1)):
         rest[:, -k:] = theta
         for f in factors:
+            if best[1] is not None and time.perf_counter() > stop:
+                break
             cand = torch.cat([units, last + math.log(f), rest], 1)
             if tick is not None:
                 tick()
@@ -444,8 +448,9 @@ def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: 
     return best[1].clone()
 
 
-def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, tick=None) -> torch.Tensor:
-    """Log-multipliers of the best one-parameter family t_u = tau * ratio^level(u) on a grid."""
+def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, tick=None, stop: float = math.inf) -> torch.Tensor:
+    """Log-multipliers of the best one-parameter family t_u = tau * ratio^level(u) on a grid (the
+    grid ends at ``stop`` once a feasible point is found)."""
     # a unit's level: how many units of its group it reads through Qp (depth in the tournament)
     depth = np.zeros(n)
     Qp = tl.Qp.numpy()
@@ -461,6 +466,8 @@ def _initial_units(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, tick=Non
     def scan(bases: list[torch.Tensor], factors: np.ndarray, best: tuple) -> tuple:
         for base in bases:
             for f in factors:
+                if best[1] is not None and time.perf_counter() > stop:
+                    return best
                 cand = base.clone()
                 cand[:, :n] += math.log(f)
                 if tick is not None:
@@ -520,7 +527,7 @@ def optimise(layer: LocalLayer, X: np.ndarray | None = None, time_limit: float =
             report(max(time_limit - (now - start), 0.0))
 
     window_start = time_limit >= WINDOW_START_S if window_start is None else window_start
-    s = _initial(tl, Xi, layer.groups, int(layer.Qz.shape[0]), window_start, tick)
+    s = _initial(tl, Xi, layer.groups, int(layer.Qz.shape[0]), window_start, tick, start + time_limit)
     rho0 = best_rho(tl, tl.to_t(s), Xi)
     history = [(0, time.perf_counter() - start, rho0)]
     evals = 0

@@ -78,13 +78,26 @@ def current_device() -> torch.device:
     return torch.device(_device.get())
 
 
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's handle on the OpenBLAS of numpy and scipy (loaded first: scipy.linalg's
+    eigensolvers are among the hot spots), which torch.set_num_threads does not reach."""
+    import scipy.linalg  # noqa: F401
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """torch (and its BLAS) on ``n`` threads inside the block, the previous count restored after."""
+    """torch (and its BLAS) on ``n`` threads inside the block, numpy's and scipy's BLAS too, the
+    previous counts restored after. scipy's eigh left on every core spin-waited under load:
+    Convnet_maxpool's multiplier scan took 124 s in 95 eigenvalue problems, 2.4 s on one thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
     try:
-        yield
+        with _blas_controller().limit(limits=max(1, n), user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 
