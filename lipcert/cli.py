@@ -234,7 +234,7 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
       lipcert bound model.onnx --center x.npz --radius 0.05     over a ball only
     """
     from .budget import DEFAULT_BUDGET_S, Budget, settings_with_deadline
-    from .estimators import estimate, estimate_all
+    from .estimators import cut_note, estimate, estimate_all, was_cut
 
     progress.set_quiet(quiet or as_json)
     allowance = Budget(budget if budget is not None else (DEFAULT_BUDGET_S if method == "all" else None))
@@ -250,8 +250,8 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
         progress.note(f"running {method} ...")
         one = settings_with_deadline(settings, allowance.deadline(), allowance.seconds)
         results, skipped = [estimate(graph, method, one)], {}
-        if any(s.get("solver_status") == "time_limit" for s in results[0].details.get("sections", [])) and allowance.limited:
-            allowance.note_cut(f"{method} stopped early (a proven, looser bound)")
+        if allowance.limited and was_cut(results[0]):
+            allowance.note_cut(cut_note(results[0]))
     best = getattr(best_proven(results), "method", None)
     if as_json:
         rows = [{**r.to_dict(), "best": r.method == best} for r in results]

@@ -269,7 +269,8 @@ def test_cli_budget_is_reported(tmp_path):
     assert out["budget"]["seconds"] == CERTIFY_BUDGET_S and out["budget"]["cut"] == [] and out["lipschitz"]["tightened"]
     res = CliRunner().invoke(main, ["bound", spiral, "--method", "all", "--budget", "0.0001", "--json"])
     out = json.loads(res.stdout)
-    assert out["budget"]["cut"] == ["sdp skipped"] and "--budget" in out["skipped"]["sdp"]
+    assert out["budget"]["cut"] == ["lower stopped early (a witnessed, smaller lower bound)", "sdp skipped"]
+    assert "--budget" in out["skipped"]["sdp"]
     assert next(r for r in out["results"] if r["method"] == "naive")["certified"]
     res = CliRunner().invoke(main, ["bound", spiral, "--method", "sdp", "--json"])
     assert json.loads(res.stdout)["budget"]["seconds"] is None

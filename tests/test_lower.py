@@ -223,6 +223,25 @@ def test_circular_convolutions_count_as_convolutions_in_the_search_plan():
     assert lower.forward_flops(graph) >= 2 * 144 * 27
 
 
+def test_the_search_stops_at_a_budget_deadline():
+    """Under --budget every method gets a deadline (estimate_all: half the time left for those that
+    finish on their own); the search stops its ascent there with a witnessed value and says so,
+    and the budget's notes say the lower bound (not a proven one) was cut. It took 98 s of a
+    60 s budget on Convnet_maxpool under load."""
+    from lipcert.budget import Budget
+    from lipcert.config import Settings
+    from lipcert.estimators import estimate_all
+
+    graph = _conv_net(4, 8)
+    budget = Budget(0.01)
+    results, _ = estimate_all(graph, Settings(), budget=budget)
+    low = next(r for r in results if r.method == "lower")
+    assert low.details["stopped_at_deadline"] and any("after 1 of 50 ascent steps" in w for w in low.warnings)
+    assert "lower stopped early (a witnessed, smaller lower bound)" in budget.cut
+    assert 0 < low.value <= min(r.value for r in results if r.kind == "upper")
+    assert not lipcert.lower_bound(graph, steps=3).details["stopped_at_deadline"]  # no budget, no deadline
+
+
 def test_large_networks_get_a_search_that_fits_the_work_budget(monkeypatch):
     """A network whose full default search would exceed SEARCH_FLOPS gets fewer starts and steps
     and a note; the user's --starts is kept as given."""

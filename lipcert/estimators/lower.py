@@ -429,6 +429,8 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
     if sized:
         notes.append(sized)
     timer = {"start": time.perf_counter()}
+    deadline = settings.extra.get("deadline")
+    stop = False
 
     # 1. screening
     pool = starting_points(graph, n_screen, settings.seed).to(device, dtype)
@@ -475,7 +477,9 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
             if bool(better.any()):
                 pick = cand[idx, torch.arange(b, device=device)]
                 best_x[better], best_val[better] = pick[better], top[better]
-            if k % REFRESH == REFRESH - 1 or k == steps - 1:
+            # past the budget's deadline (settings.extra, set under --budget): refresh and stop here
+            stop = deadline is not None and k < steps - 1 and time.perf_counter() > deadline
+            if k % REFRESH == REFRESH - 1 or k == steps - 1 or stop:
                 both = torch.cat([best_x, x])
                 v_all, _, u_all = exact_norms(real, both, m, norm, chunk)
                 probes += len(both)
@@ -485,6 +489,9 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
                 better = v_all[b:] > best_val
                 best_x[better], best_val[better], best_u[better] = x[better], v_all[b:][better], u_all[b:][better]
             bar.update(k + 1)
+            if stop:
+                notes.append(f"the search stopped at the budget's deadline after {k + 1} of {steps} ascent steps")
+                break
     timer["ascent"] = time.perf_counter()
 
     # 3. witnesses, in float64 on the loaded graph
@@ -517,6 +524,7 @@ def search(graph: Graph, settings: Settings, data: np.ndarray | None = None) -> 
         "steps": steps,
         "proposals": proposals,
         "search_dtype": str(dtype).removeprefix("torch."),
+        "stopped_at_deadline": stop,
         "notes": notes,
     }
     return best, details
