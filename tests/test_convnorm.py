@@ -448,3 +448,30 @@ def test_circularly_padded_convolution_is_one_exact_circular_convolution(nd, k, 
         value, is_exact, _ = lin.norm_bound(p)
         assert is_exact and ref <= value * SAFE <= ref * (1 + 1e-8)
         assert lipcert.bound(graph, "naive", norm=p).value >= ref
+
+
+
+class _PaddedConv(torch.nn.Module):
+    def __init__(self, pads) -> None:
+        super().__init__()
+        self.pads, self.conv = pads, torch.nn.Conv2d(2, 2, 5).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pads(x))
+
+
+@pytest.mark.parametrize("pads", [lambda x: F.pad(F.pad(x, (1, 1, 1, 1)), (1, 1, 1, 1), mode="circular"),
+                                  lambda x: F.pad(F.pad(x, (1, 1, 1, 1), mode="circular"), (1, 1, 1, 1))])
+def test_zero_padding_next_to_a_circular_padding_is_not_fused(pads):
+    """A zero pad next to a circular one leaves entries with no source (index -1): not a circular
+    convolution, and no crash (np.unravel_index(-1) raised a ValueError at load)."""
+    import lipcert
+    from lipcert.graph.linear import CircularConv
+
+    torch.manual_seed(0)
+    module = _PaddedConv(pads)
+    graph = lipcert.load(module, (1, 2, 5, 5))
+    assert not any(isinstance(getattr(n, "lin", None), CircularConv) for n in graph.nodes)
+    jac = torch.autograd.functional.jacobian(lambda x: module(x.reshape(1, 2, 5, 5)).reshape(-1), torch.zeros(50, dtype=torch.float64))
+    for p, order in (("2", 2), ("inf", math.inf), ("1", 1)):
+        assert lipcert.bound(graph, "naive", norm=p).value >= float(torch.linalg.matrix_norm(jac, order))

@@ -272,6 +272,8 @@ def _circular_shift(op: LinearOp) -> tuple[int, ...] | None:
     count = math.prod(shape_in)
     with torch.no_grad():
         source = op.apply(torch.arange(1, count + 1, dtype=torch.float64).reshape(1, *shape_in))[0].round().long() - 1
+    if bool((source < 0).any()):  # a zero-padded entry (source -1): not a circular padding
+        return None
     first = np.unravel_index(int(source.reshape(-1)[0]), shape_in)  # the source of out[0, 0, 0, ...]
     if any(first[:2]):
         return None
