@@ -475,3 +475,29 @@ def test_zero_padding_next_to_a_circular_padding_is_not_fused(pads):
     jac = torch.autograd.functional.jacobian(lambda x: module(x.reshape(1, 2, 5, 5)).reshape(-1), torch.zeros(50, dtype=torch.float64))
     for p, order in (("2", 2), ("inf", math.inf), ("1", 1)):
         assert lipcert.bound(graph, "naive", norm=p).value >= float(torch.linalg.matrix_norm(jac, order))
+
+
+class _MaxMinLastAxisConv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(2, 4, 3, padding=1).double(), torch.nn.Conv2d(2, 2, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.cat([torch.maximum(h[:, :2], h[:, 2:]), torch.minimum(h[:, :2], h[:, 2:])], -1))
+
+
+def test_a_convolution_after_a_rank_changing_reshape_is_no_circular_candidate():
+    """MaxMin along the last axis ends in a reshape from the 5-d pairs to the 4-d concat layout,
+    a selection read by the convolution alone: the circular-padding check indexed the grid axes of
+    the output with the input's rank (IndexError at load)."""
+    import lipcert
+
+    torch.manual_seed(0)
+    module = _MaxMinLastAxisConv()
+    graph = lipcert.load(module, (1, 2, 3, 3))
+    points = torch.randn(8, 18, dtype=torch.float64)
+    for p, order in (("2", 2), ("inf", math.inf), ("1", 1)):
+        ref = max(float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(lambda x: module(x.reshape(1, 2, 3, 3)).reshape(-1), z), order))
+                  for z in points)
+        assert lipcert.bound(graph, "naive", norm=p).value >= ref
