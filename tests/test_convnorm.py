@@ -492,3 +492,55 @@ def test_single_threaded_reaches_numpy_and_scipy_blas():
     with convnorm.single_threaded():
         assert blas_threads() and set(blas_threads()) == {1}
     assert blas_threads() == before
+
+
+class _PaddedConv(torch.nn.Module):
+    def __init__(self, pads) -> None:
+        super().__init__()
+        self.pads, self.conv = pads, torch.nn.Conv2d(2, 2, 5).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pads(x))
+
+
+@pytest.mark.parametrize("pads", [lambda x: F.pad(F.pad(x, (1, 1, 1, 1)), (1, 1, 1, 1), mode="circular"),
+                                  lambda x: F.pad(F.pad(x, (1, 1, 1, 1), mode="circular"), (1, 1, 1, 1))])
+def test_zero_padding_next_to_a_circular_padding_is_not_fused(pads):
+    """A zero pad next to a circular one leaves entries with no source (index -1): not a circular
+    convolution, and no crash (np.unravel_index(-1) raised a ValueError at load)."""
+    import lipcert
+    from lipcert.graph.linear import CircularConv
+
+    torch.manual_seed(0)
+    module = _PaddedConv(pads)
+    graph = lipcert.load(module, (1, 2, 5, 5))
+    assert not any(isinstance(getattr(n, "lin", None), CircularConv) for n in graph.nodes)
+    jac = torch.autograd.functional.jacobian(lambda x: module(x.reshape(1, 2, 5, 5)).reshape(-1), torch.zeros(50, dtype=torch.float64))
+    for p, order in (("2", 2), ("inf", math.inf), ("1", 1)):
+        assert lipcert.bound(graph, "naive", norm=p).value >= float(torch.linalg.matrix_norm(jac, order))
+
+
+class _MaxMinLastAxisConv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(2, 4, 3, padding=1).double(), torch.nn.Conv2d(2, 2, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(torch.cat([torch.maximum(h[:, :2], h[:, 2:]), torch.minimum(h[:, :2], h[:, 2:])], -1))
+
+
+def test_a_convolution_after_a_rank_changing_reshape_is_no_circular_candidate():
+    """MaxMin along the last axis ends in a reshape from the 5-d pairs to the 4-d concat layout,
+    a selection read by the convolution alone: the circular-padding check indexed the grid axes of
+    the output with the input's rank (IndexError at load)."""
+    import lipcert
+
+    torch.manual_seed(0)
+    module = _MaxMinLastAxisConv()
+    graph = lipcert.load(module, (1, 2, 3, 3))
+    points = torch.randn(8, 18, dtype=torch.float64)
+    for p, order in (("2", 2), ("inf", math.inf), ("1", 1)):
+        ref = max(float(torch.linalg.matrix_norm(torch.autograd.functional.jacobian(lambda x: module(x.reshape(1, 2, 3, 3)).reshape(-1), z), order))
+                  for z in points)
+        assert lipcert.bound(graph, "naive", norm=p).value >= ref
