@@ -293,3 +293,22 @@ def test_linear_branches_of_the_graph_input_are_one_exact_layer():
     exact = float(torch.linalg.matrix_norm(jac, 2))
     assert len(graph.nodes) == 1
     assert exact <= lipcert.bound(graph, "naive").value <= exact * (1 + 1e-8)
+
+
+def test_a_module_with_a_branch_on_the_input_is_refused_with_the_reason():
+    """The export traces at zeros: `if x.abs().max() > 3` keeps the branch taken there, and the
+    graph (naive 0.65) missed the other (a pair stretched by 907). The cross-check's inputs at
+    several scales take it, and the message names the cause."""
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.abs().max() > 3:
+                return 1000 * self.lin(x)
+            return self.lin(x)
+
+    with pytest.raises(ModelError, match="turns a tensor into a Python value"):
+        lipcert.load(Branchy(), (1, 4))

@@ -79,8 +79,8 @@ def module_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onn
                                       f"whose forward returns the one tensor to bound (wrap it, e.g. forward(x) = model(x){pick})")])
     try:
         buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=17, input_names=["input"], output_names=["output"])
     except Exception as exc:
         raise ModelError(
@@ -89,7 +89,16 @@ def module_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onn
             "the module runs, but torch.onnx.export (TorchScript) cannot trace it: replace the layer named in the "
             "message, or export the model to ONNX yourself and load the file",
         ) from None
-    return onnx.load_from_string(buffer.getvalue())
+    model = onnx.load_from_string(buffer.getvalue())
+    # a tensor turned into a Python value while tracing: control flow that may depend on the input
+    # (deel-torchlip's shape checks do it too, so it is a hint for the cross-check, not a refusal)
+    if any(issubclass(w.category, torch.jit.TracerWarning) and "Python" in str(w.message) for w in caught):
+        model.doc_string = _BRANCH_HINT
+    return model
+
+
+_BRANCH_HINT = ("the module turns a tensor into a Python value in forward (an `if` on the input, .item(), ...): "
+                "the export follows the branch taken at zeros only")
 
 
 def torch_to_graph(module: torch.nn.Module, input_shape: tuple[int, ...] | None) -> Graph:
@@ -100,7 +109,7 @@ def torch_to_graph(module: torch.nn.Module, input_shape: tuple[int, ...] | None)
     # ONNX keeps float attributes in float32; a float64 module's own values reach the converters
     exact = _float64_attributes(module) if _dtype(module) == torch.float64 else None
     graph = onnx_to_graph(model, shape, source=f"torch module {type(module).__name__}", exact_floats=exact)
-    crosscheck_module(graph, frozen_copy(module))
+    crosscheck_module(graph, frozen_copy(module), hint=model.doc_string == _BRANCH_HINT)
     return graph
 
 
@@ -126,17 +135,29 @@ def _float64_attributes(module: torch.nn.Module) -> dict[tuple[str, str], dict[f
     return out
 
 
-def crosscheck_module(graph: Graph, module: torch.nn.Module, samples: int = 4, seed: int = 0) -> None:
-    """Compare the graph with ``module`` (which is put in eval mode: pass a copy) on random inputs."""
+# input scales of the cross-check: the export is a trace at zeros, and control flow on the input
+# (``if x.abs().max() > 3``) is caught only by inputs that take the other branch
+CHECK_SCALES = (1.0, 1e-3, 10.0, 1e3)
+
+
+def crosscheck_module(graph: Graph, module: torch.nn.Module, samples: int = 8, seed: int = 0, hint: bool = False) -> None:
+    """Compare the graph with ``module`` (which is put in eval mode: pass a copy) on random
+    inputs at the scales CHECK_SCALES. ``hint``: the trace saw a tensor turned into a Python
+    value (the message then says so)."""
     rng = np.random.default_rng(seed)
     dtype = _dtype(module)
     module.eval()
-    for _ in range(samples):
-        x = rng.normal(size=graph.input_shape)
+    for k in range(samples):
+        x = rng.normal(size=graph.input_shape) * CHECK_SCALES[k % len(CHECK_SCALES)]
         with torch.no_grad():
             ref = module(torch.as_tensor(x, dtype=dtype)).double().numpy()
+        if not np.isfinite(ref).all():
+            continue  # the module overflowed in its own precision at this scale: nothing to compare
         ours = graph.forward(torch.from_numpy(x)[None])[0].numpy()
         scale = max(1.0, float(np.abs(ref).max()))
         tol = 1e-4 if dtype == torch.float32 else 1e-9
         if ref.shape != ours.shape or float(np.abs(ref - ours).max()) / scale > tol:
+            if hint:
+                raise ModelError(f"lipcert's graph disagrees with the torch module on a random input: {_BRANCH_HINT}", graph.source,
+                                 "remove the input-dependent control flow from forward, or bound each branch as its own module")
             raise ModelError("lipcert's graph disagrees with the torch module on a random input", graph.source, "please report this module: a converter is wrong")
