@@ -90,6 +90,20 @@ def _error(res, *needles: str) -> None:
         assert n in text, text
 
 
+def test_json_errors_are_one_json_object_on_stdout(tmp_path):
+    """With --json a refused input still leaves one JSON object on stdout (it left stdout empty,
+    which a script reading the JSON could not parse), and the message on stderr."""
+    p = tmp_path / "model.onnx"
+    p.write_text("hello")
+    for args in (["bound", p, "--json"], ["lower", p, "--json"], ["info", p, "--json"],
+                 ["certify", MODELS / "mlp_spiral.onnx", "--data", tmp_path / "none.npz", "--json"]):
+        res = run(*args)
+        _error(res, "What to do")
+        err = json.loads(res.stdout)["error"]
+        assert err["type"] in ("ModelError", "InputError") and err["what"] and err["hint"], err
+        assert "Error:" in res.stderr and "{" not in res.stderr
+
+
 def test_refuses_unsupported_op(tmp_path):
     nodes = [helper.make_node("Sin", ["x"], ["a"], name="bad_sin"), helper.make_node("Softmax", ["a"], ["y"], name="bad_softmax")]
     _error(run("bound", save(graph_model(nodes, [1, 3], {}), tmp_path / "m.onnx")), "bad_sin", "bad_softmax", "What to do")
