@@ -532,7 +532,9 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     predicted = logits.argmax(1)
     labels = predicted.copy() if label is None else labels_array(label, len(xs), "label", graph.source)
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise InputError(f"labels must lie in 0..{logits.shape[1] - 1}", graph.source, "check the labels")
+        bad = labels[(labels < 0) | (labels >= logits.shape[1])]
+        raise InputError(f"labels must lie in 0..{logits.shape[1] - 1} (one per output of the model); {bad.size} label(s) do not, "
+                         f"such as {int(bad[0])}", graph.source, "check the labels: class indices counted from 0 (1-based labels: give y - 1)")
     if constants is not None and (constants.norm != norm or constants.matrix.shape != (logits.shape[1],) * 2):
         raise InputError(f"the constants given are for the {constants.norm} norm and {len(constants.matrix)} classes, "
                          f"not the {norm} norm and {logits.shape[1]} classes", graph.source,
