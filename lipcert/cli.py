@@ -136,7 +136,7 @@ def format_results(results: list[Result], layers: bool = False, best: str | None
     for r in results:
         if layers and r.layers:
             lrows = [
-                [layer.name, layer.op[:40], f"{layer.value:.6g}", "exact" if layer.exact else "bound", layer.how,
+                [layer.name, layer.op[:40], f"{layer.value:.6g}", "exact" if layer.exact else ("estimate" if r.kind == "estimate" else "bound"), layer.how,
                  "" if layer.cumulative is None else f"{layer.cumulative:.6g}"]
                 for layer in r.layers
             ]

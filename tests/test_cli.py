@@ -42,6 +42,14 @@ def test_bound_table_with_layers_and_inf_norm():
     assert "proven" in res.stdout and "per-layer norms" in res.stdout and "linf" in res.stdout
 
 
+def test_power_layers_are_called_estimates_not_bounds():
+    """power iteration's per-layer norms approach from below: the --layers table called them 'bound'."""
+    res = run("bound", MODELS / "mlp_spiral.onnx", "--method", "power", "--layers")
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.stdout.splitlines() if "power iteration (" in line]
+    assert rows and all(" estimate " in line and " bound " not in line for line in rows), rows
+
+
 def test_info_and_ops_and_methods():
     res = run("info", VNN / "resnet_2b.onnx")
     assert res.exit_code == 0 and "Sum" in res.stdout and "Conv" in res.stdout
