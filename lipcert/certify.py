@@ -596,7 +596,8 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
     certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven, budget=budget, settings=settings,
                              pairs=pairs, local=local, jobs=jobs)
     eps = sorted(eps) if eps else []
-    top = float(certs.radii.max()) if len(certs.radii) else 0.0
+    finite = certs.radii[np.isfinite(certs.radii)]  # inf: a margin no perturbation changes (L_yj = 0)
+    top = float(finite.max()) if len(finite) else 0.0
     grid = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, 41)
     return {
         "norm": certs.constants.norm,

@@ -327,3 +327,19 @@ def test_residual_networks_get_their_global_bound_from_compose():
         with torch.no_grad():
             out = graph.forward(torch.from_numpy(xi[None] + d)[:, None]).reshape(200, -1).numpy()
         assert (out.argmax(1) == y).all()
+
+
+def test_constant_classifier_curve_has_finite_radii():
+    """A network whose output does not depend on its input (L = 0) certifies every point at every
+    radius: the accuracy curve is 1 over a finite grid (the grid ran to inf: radius [nan, inf, ...]
+    with certified accuracy 0)."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        net[2].weight.zero_()
+        net[2].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    out = certify(net, x, np.zeros(5, int), [1.0], method="naive", input_shape=(1, 4))
+    assert out["certified_accuracy"] == {"1.0": 1.0}
+    assert np.isfinite(out["curve"]["radius"]).all() and out["curve"]["certified_accuracy"] == [1.0] * len(out["curve"]["radius"])
