@@ -543,7 +543,9 @@ def certified_radius(model: Any, x: Any, label: Any = None, norm: Any = 2, metho
     predicted = logits.argmax(1)
     labels = predicted.copy() if label is None else labels_array(label, len(xs), "label", graph.source)
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise InputError(f"labels must lie in 0..{logits.shape[1] - 1}", graph.source, "check the labels")
+        bad = labels[(labels < 0) | (labels >= logits.shape[1])]
+        raise InputError(f"labels must lie in 0..{logits.shape[1] - 1} (one per output of the model); {bad.size} label(s) do not, "
+                         f"such as {int(bad[0])}", graph.source, "check the labels: class indices counted from 0 (1-based labels: give y - 1)")
     if constants is not None and (constants.norm != norm or constants.matrix.shape != (logits.shape[1],) * 2):
         raise InputError(f"the constants given are for the {constants.norm} norm and {len(constants.matrix)} classes, "
                          f"not the {norm} norm and {logits.shape[1]} classes", graph.source,
@@ -605,7 +607,7 @@ def certify(model: Any, x: Any, y: Any, eps: list[float] | None = None, norm: An
     certs = certified_radius(graph, x, y, norm=norm, method=method, proven=proven, budget=budget, settings=settings,
                              pairs=pairs, local=local, jobs=jobs)
     eps = sorted(eps) if eps else []
-    finite = certs.radii[np.isfinite(certs.radii)]  # a constant margin's radius is inf
+    finite = certs.radii[np.isfinite(certs.radii)]  # inf: a margin no perturbation changes (L_yj = 0)
     top = float(finite.max()) if len(finite) else 0.0
     grid = np.linspace(0.0, top * 1.05 if top > 0 else 1.0, 41)
     return {

@@ -105,18 +105,25 @@ def _budget_json(budget: Any) -> dict[str, Any]:
 
 
 def friendly_errors(fn: Callable) -> Callable:
-    """Turn lipcert's errors into one message on stderr and exit code 1 (never a traceback)."""
+    """Turn lipcert's errors into one message on stderr and exit code 1 (never a traceback); with
+    --json, stdout also gets one JSON object, {"error": {"type", "what", "where", "hint"}}."""
+
+    def fail(kind: str, what: str, where: str | None, hint: str | None, message: str, as_json: bool) -> None:
+        if as_json:
+            echo_json({"error": {"type": kind, "what": what, "where": where, "hint": hint}})
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(1)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except LipcertError as exc:
-            click.echo(f"Error: {exc.message()}", err=True)
-            sys.exit(1)
+            fail(type(exc).__name__, exc.what, exc.where, exc.hint, exc.message(), as_json)
         except MemoryError:
-            click.echo("Error: out of memory. What to do: use a method that needs less memory (e.g. --method naive) or a smaller model.", err=True)
-            sys.exit(1)
+            hint = "use a method that needs less memory (e.g. --method naive) or a smaller model"
+            fail("MemoryError", "out of memory", None, hint, f"out of memory. What to do: {hint}.", as_json)
 
     return wrapper
 
@@ -146,7 +153,7 @@ def format_results(results: list[Result], layers: bool = False, best: str | None
     for r in results:
         if layers and r.layers:
             lrows = [
-                [layer.name, layer.op[:40], f"{layer.value:.6g}", "exact" if layer.exact else "bound", layer.how,
+                [layer.name, layer.op[:40], f"{layer.value:.6g}", "exact" if layer.exact else ("estimate" if r.kind == "estimate" else "bound"), layer.how,
                  "" if layer.cumulative is None else f"{layer.cumulative:.6g}"]
                 for layer in r.layers
             ]

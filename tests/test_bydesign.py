@@ -388,6 +388,19 @@ def test_shipped_one_lipschitz_classifier_and_its_readme_numbers():
     assert res.exit_code == 0, res.output
     for line in res.stdout.strip().splitlines():
         assert line in example, line
+    # the `bound --method all` table: one row per method, with the value printed today (it lacked
+    # compose and sdp-wide, and showed gram's 1.00123 from before gram's bound became 1)
+    import json
+    import re
+
+    res = CliRunner().invoke(main, ["bound", str(MODELS / "gnp_spiral.onnx"), "--method", "all", "--json"])
+    assert res.exit_code == 0, res.output
+    results = json.loads(res.stdout)["results"]
+    table = example.split("$ lipcert bound models/gnp_spiral.onnx --method all", 1)[1].split("$ lipcert certify", 1)[0]
+    assert len(re.findall(r"^\S+\s+(?:upper|estimate|lower)\s", table, flags=re.M)) == len(results)
+    for r in results:
+        row = re.search(rf"^{r['method']}\s+{r['kind']}\s+l2\s+(\S+)", table, flags=re.M)
+        assert row and abs(float(row.group(1)) - r["value"]) <= 1e-4 * r["value"], (r["method"], r["value"])
 
 
 class ChunkMaxMin(torch.nn.Module):

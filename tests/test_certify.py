@@ -62,8 +62,9 @@ def test_misclassified_points_get_radius_zero():
     out = certify(graph, x, labels, [0.0])
     assert out["clean_accuracy"] == pytest.approx(0.5)
     assert all(p["certified"] is (p["label"] == p["predicted"]) for p in out["points"])
-    with pytest.raises(lipcert.InputError, match="labels must lie in"):
+    with pytest.raises(lipcert.InputError, match="labels must lie in") as exc:
         certified_radius(graph, x, np.full(30, 7))
+    assert "30 label(s)" in exc.value.message() and "7" in exc.value.what  # which labels, not only the range
     with pytest.raises(lipcert.InputError, match="labels for"):
         certified_radius(graph, x, labels[:3])
     with pytest.raises(lipcert.InputError, match="'jobs' parameter of certified_radius"):

@@ -42,6 +42,14 @@ def test_bound_table_with_layers_and_inf_norm():
     assert "proven" in res.stdout and "per-layer norms" in res.stdout and "linf" in res.stdout
 
 
+def test_power_layers_are_called_estimates_not_bounds():
+    """power iteration's per-layer norms approach from below: the --layers table called them 'bound'."""
+    res = run("bound", MODELS / "mlp_spiral.onnx", "--method", "power", "--layers")
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.stdout.splitlines() if "power iteration (" in line]
+    assert rows and all(" estimate " in line and " bound " not in line for line in rows), rows
+
+
 def test_info_and_ops_and_methods():
     res = run("info", VNN / "resnet_2b.onnx")
     assert res.exit_code == 0 and "Sum" in res.stdout and "Conv" in res.stdout
@@ -88,6 +96,20 @@ def _error(res, *needles: str) -> None:
     assert [line.startswith("Error:") for line in text.splitlines()].count(True) == 1
     for n in needles:
         assert n in text, text
+
+
+def test_json_errors_are_one_json_object_on_stdout(tmp_path):
+    """With --json a refused input still leaves one JSON object on stdout (it left stdout empty,
+    which a script reading the JSON could not parse), and the message on stderr."""
+    p = tmp_path / "model.onnx"
+    p.write_text("hello")
+    for args in (["bound", p, "--json"], ["lower", p, "--json"], ["info", p, "--json"],
+                 ["certify", MODELS / "mlp_spiral.onnx", "--data", tmp_path / "none.npz", "--json"]):
+        res = run(*args)
+        _error(res, "What to do")
+        err = json.loads(res.stdout)["error"]
+        assert err["type"] in ("ModelError", "InputError") and err["what"] and err["hint"], err
+        assert "Error:" in res.stderr and "{" not in res.stderr
 
 
 def test_refuses_unsupported_op(tmp_path):

@@ -97,6 +97,27 @@ def test_report_without_a_proven_bound_says_so(tmp_path):
     assert "no proven bound" in html
 
 
+def test_local_report_does_not_call_local_radii_pairwise(tmp_path):
+    """With local constants the certified radii are the larger of the pairwise and the local ones:
+    the accuracy curve and the sentence above it say so (they said "pairwise constants" only,
+    under a curve that reached 100x the radii pairwise constants certify)."""
+    from lipcert import bound, certify, load
+    from lipcert.report import render
+
+    graph = load(MODELS / "mlp_spiral.onnx")
+    data = np.load(MODELS / "spiral_test.npz")
+    x, y = data["x"][:20], data["y"][:20]
+    results = [bound(graph, method="naive", norm="inf")]
+    cert = certify(graph, x, y, [0.05], norm="inf", method="naive", local=True)
+    assert max(p["radius"] for p in cert["points"]) > 10 * max(cert["pairwise_radii"])
+    html = render(graph, results, tmp_path / "local.html", certificates=cert, data_name="spiral").read_text()
+    head = html.split("<h3>Local constants and an attack</h3>")[0].split("Certified robustness")[1]
+    assert "local constants" in head and ">pairwise constants<" not in head.replace("<!-- ", ">").replace(" -->", "<")
+    plain = render(graph, results, tmp_path / "plain.html", certificates=certify(graph, x, y, [0.05], norm="inf", method="naive"),
+                   data_name="spiral").read_text()
+    assert "<!-- pairwise constants -->" in plain
+
+
 def test_report_bad_flags():
     res = CliRunner().invoke(main, ["report", str(MODELS / "mlp_spiral.onnx")])
     assert res.exit_code == 2 and "--output" in res.output

@@ -175,6 +175,23 @@ def test_unknown_solver_is_refused_with_the_installed_list():
     assert res.exit_code == 1 and "not installed" in res.output and "Traceback" not in res.output
 
 
+def test_installed_solver_that_cannot_solve_sdps_is_refused_and_not_offered():
+    """cvxpy's LP/QP solvers (OSQP, GLPK, HIGHS, ...) cannot solve LipSDP: naming one is refused
+    at once, and the list of choices holds only SDP solvers (it offered OSQP, which then failed)."""
+    import cvxpy
+
+    from lipcert.catalog import SDP_SOLVER_MODULES
+
+    non_sdp = [s for s in cvxpy.installed_solvers() if s not in SDP_SOLVER_MODULES]
+    with pytest.raises(lipcert.InputError) as exc:
+        lipcert.bound(SPIRAL, method="sdp", solver="NOPE")
+    assert not any(s in exc.value.message() for s in non_sdp), exc.value.message()
+    if non_sdp:
+        with pytest.raises(lipcert.InputError, match="cannot solve semidefinite") as exc:
+            lipcert.bound(SPIRAL, method="sdp", solver=non_sdp[0].lower())
+        assert "CLARABEL" in exc.value.message()
+
+
 def test_only_l2_and_small_enough_sections_are_accepted():
     est = ESTIMATORS["sdp"]
     g = lipcert.load(SPIRAL)

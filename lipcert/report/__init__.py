@@ -79,7 +79,9 @@ def render(graph: Graph, results: list[Result], path: str | Path, command: str =
         "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if certificates:
-        ctx["curve_svg"] = figures.accuracy_curve(certificates["curve"]["radius"], certificates["curve"]["certified_accuracy"], certificates.get("global_curve"))
+        # with local constants a point's radius is the larger of its pairwise and local ones
+        label = "local or pairwise constants" if certificates.get("local") else "pairwise constants"
+        ctx["curve_svg"] = figures.accuracy_curve(certificates["curve"]["radius"], certificates["curve"]["certified_accuracy"], certificates.get("global_curve"), label)
         ctx["hist_svg"] = figures.radius_histogram([p["radius"] for p in certificates["points"] if p["certified"]])
         if certificates.get("local"):  # local constants and an attack (lipcert report --local)
             curves = {"global (pairwise) constants": certificates["pairwise_radii"], "local constants": [p["radius"] for p in certificates["points"]]}
@@ -88,6 +90,8 @@ def render(graph: Graph, results: list[Result], path: str | Path, command: str =
             ctx["local_svg"] = figures.radius_curves(curves, {"attack (PGD): not broken": (figures.ORANGE, "--")})
         hows = sorted(set(certificates["lipschitz"]["how"].values()))
         ctx["cert_how"] = ", ".join(hows) + f"; global bound {certificates['lipschitz']['global_bound']:.6g} ({certificates['lipschitz']['global_method']})"
+        if certificates.get("local"):
+            ctx["cert_how"] += f"; local constants over each ball B(x, r) certified {sum(h.startswith('local') for h in certificates['how'])} point(s)"
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(env.get_template("report.html.jinja").render(**ctx), encoding="utf-8")

@@ -71,9 +71,9 @@ def methods(rows: list[dict[str, Any]], lower: float | None) -> str:
     return _svg(fig)
 
 
-def accuracy_curve(radius: list[float], acc: list[float], global_acc: list[float] | None = None) -> str:
+def accuracy_curve(radius: list[float], acc: list[float], global_acc: list[float] | None = None, label: str = "pairwise constants") -> str:
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
-    ax.plot(radius, acc, color=BLUE, label="pairwise constants")
+    ax.plot(radius, acc, color=BLUE, label=label)
     if global_acc is not None:
         ax.plot(radius, global_acc, color=GREY, ls="--", label="global constant only")
     ax.set_xlabel("radius")

@@ -69,13 +69,15 @@ def check_solver(solver: str | None) -> str | None:
         return None
     if solver.lower() in (FAST, "fast"):
         if not fast_solver_available():
-            raise InputError("solver 'lipcert-fast' is not available in this installation", None, f"choose one of: {', '.join(installed_solvers())}")
+            raise InputError("solver 'lipcert-fast' is not available in this installation", None, f"choose one of: {', '.join(s for s in installed_solvers() if s in SOLVER_PREFERENCE)}")
         return FAST
     name = solver.upper()
     installed = installed_solvers()
-    if name not in installed:
-        choices = ", ".join([FAST] * fast_solver_available() + installed)
-        raise InputError(f"solver {solver!r} is not installed for cvxpy", None, f"choose one of: {choices}")
+    sdp = [s for s in installed if s in SOLVER_PREFERENCE]  # cvxpy's LP/QP solvers (OSQP, GLPK, ...) cannot solve LipSDP
+    if name not in sdp:
+        choices = ", ".join([FAST] * fast_solver_available() + sdp)
+        why = "cannot solve semidefinite programs (LipSDP)" if name in installed else "is not installed for cvxpy"
+        raise InputError(f"solver {solver!r} {why}", None, f"choose one of: {choices}")
     return name
 
 
