@@ -112,7 +112,7 @@ def input_batch(graph: Any, x: Any) -> np.ndarray:
         raise InputError(f"an input array of shape {list(arr.shape)} (inputs of shape {list(arr.shape[1:])}) does not fit the model's input shape "
                          f"{list(graph.input_shape)}", graph.source, hint)
     if len(arr) == 0:
-        raise InputError("the input array is empty", graph.source, "give at least one input")
+        raise InputError("the input array is empty", None, "give at least one input")
     if not np.isfinite(arr).all():
-        raise InputError("the inputs contain NaN or infinite values", graph.source, "give finite inputs")
+        raise InputError("the inputs contain NaN or infinite values", None, "give finite inputs")
     return arr.reshape(-1, *graph.input_shape)
