@@ -380,8 +380,6 @@ def lower(model: str, input_shape, norm: str, starts: int | None, steps: int | N
     progress.set_quiet(quiet or as_json)
     graph = _load(model, input_shape)
     result = lower_bound(graph, norm=norm, starts=starts, steps=steps, seed=seed, device=device, data=data)
-    for w in result.warnings:
-        click.echo(f"warning: {w}", err=True)
     if as_json:
         echo_json({"model": model, "sha256": graph.sha256, "results": [result.to_dict()]})
     else:

@@ -623,9 +623,7 @@ class LowerSearch:
         witness = {"x": best["x"].tolist(), "y": best["y"].tolist(), "t": best["t"], "direction_norm": 1.0, "norm": settings.norm}
         value = check_witness(graph, witness, best["value"], settings.norm)
         details["jacobian_norm_at_witness"] = best["jacobian_norm"]
-        notes = details.pop("notes")
-        for note in notes:
-            log.warning(note)
+        notes = details.pop("notes")  # the Result's warnings: printed once, as the table's notes
         return Result(
             method=self.name, kind="lower", norm=settings.norm, value=value, certified=False,
             time_s=time.perf_counter() - start,
