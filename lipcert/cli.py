@@ -249,6 +249,10 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     if center is not None or radius is not None or box is not None:  # local constants (lipcert/local.py)
         _local_bound(model, graph, method, norm, center, radius, box, index, as_json)
         return
+    ignored = [flag for flag, given in (("--solver", solver is not None), ("--time-limit", time_limit is not None),
+                                        ("--sdp-variant", sdp_variant != "neuron")) if given]
+    if ignored and method not in ("sdp", "all"):
+        progress.note(f"{' and '.join(ignored)} only apply to LipSDP (--method sdp or all): ignored for --method {method}")
     settings = Settings(norm=norm, seed=seed, iterations=iterations, solver=solver, sdp_variant=sdp_variant, device=device,
                         extra={"fast_time_limit": time_limit} if time_limit else {})
     if method == "all":
@@ -426,6 +430,8 @@ def certify(model: str, input_shape, data: str, eps: list[float], norm: str, met
     allowance = Budget(budget)
     graph = _load(model, input_shape)
     x, y = load_dataset(data)
+    if method != "sdp" and (pairs != "binding" or jobs is not None):
+        progress.note(f"{'--pairs' if pairs != 'binding' else '--jobs'} only applies to pairwise LipSDP (--method sdp): ignored for --method {method}")
     progress.note("computing the pairwise margin constants" + (f" (budget {budget:g} s) ..." if allowance.limited else " ..."))
     out = run_certify(graph, x, y, eps, norm=norm, method=method, budget=allowance, pairs=pairs, local=local, jobs=jobs)
     if as_json:

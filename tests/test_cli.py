@@ -182,3 +182,13 @@ def test_help_teaches():
         res = run(*cmd, "--help")
         assert res.exit_code == 0 and "Usage" in res.output
     assert "Examples" in run("bound", "--help").output
+
+
+def test_flags_that_do_not_apply_to_the_method_are_named_as_ignored():
+    res = CliRunner().invoke(main, ["bound", str(MODELS / "mlp_spiral.onnx"), "--solver", "SCS", "--time-limit", "3"])
+    assert res.exit_code == 0 and "--solver and --time-limit only apply to LipSDP" in res.stderr
+    res = CliRunner().invoke(main, ["certify", str(MODELS / "mlp_spiral.onnx"), "--data", str(MODELS / "spiral_test.npz"),
+                                    "--method", "naive", "--pairs", "all"])
+    assert res.exit_code == 0 and "--pairs only applies to pairwise LipSDP" in res.stderr
+    res = CliRunner().invoke(main, ["bound", str(MODELS / "mlp_spiral.onnx"), "--method", "sdp", "--solver", "SCS"])
+    assert "ignored" not in res.stderr
