@@ -163,7 +163,25 @@ def format_results(results: list[Result], layers: bool = False, best: str | None
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Lipcert(click.Group):
+    """With --json, a bad flag also gets one JSON error object on stdout (click prints its usage
+    message on stderr and exits 2, as without --json), so that a script parsing stdout sees why."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["json"] = "--json" in args
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if ctx.meta.get("json"):
+                echo_json({"error": {"type": "UsageError", "what": exc.format_message(), "where": None,
+                                     "hint": "see the command's --help"}})
+            raise
+
+
+@click.group(cls=_Lipcert, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lipcert")
 def main() -> None:
     """lipcert: proven bounds on the Lipschitz constant of a neural network.

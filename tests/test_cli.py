@@ -192,3 +192,12 @@ def test_flags_that_do_not_apply_to_the_method_are_named_as_ignored():
     assert res.exit_code == 0 and "--pairs only applies to pairwise LipSDP" in res.stderr
     res = CliRunner().invoke(main, ["bound", str(MODELS / "mlp_spiral.onnx"), "--method", "sdp", "--solver", "SCS"])
     assert "ignored" not in res.stderr
+
+
+def test_a_bad_flag_with_json_gets_a_json_error_too():
+    res = CliRunner().invoke(main, ["bound", str(MODELS / "mlp_spiral.onnx"), "--norm", "7", "--json"])
+    assert res.exit_code == 2 and "Invalid value for '--norm'" in res.stderr
+    err = json.loads(res.stdout)["error"]
+    assert err["type"] == "UsageError" and "--norm" in err["what"]
+    res = CliRunner().invoke(main, ["bound", str(MODELS / "mlp_spiral.onnx"), "--norm", "7"])
+    assert res.exit_code == 2 and res.stdout == ""
