@@ -240,3 +240,65 @@ def test_no_fourier_step_starts_after_the_deadline(monkeypatch):
     late = C.Compose().run(graph, settings_with_deadline(lipcert.config.Settings(), time.perf_counter()))
     assert "residual block inequality (Fourier domain)" not in late.details["rules"]
     assert jacobian_lower(graph, 30) <= late.value <= late.details["naive_value"]
+
+
+class CircularBlock(torch.nn.Module):
+    """x -> S x + conv2(relu(conv1(x))) with torch's circular padding (``pads``: F.pad's order,
+    left, right, top, bottom; asymmetric ones shift the taps), S the identity or an unpadded 1x1
+    convolution with conv1's stride."""
+
+    def __init__(self, c: int, c_mid: int, stride: int, pads: tuple[int, int, int, int], shortcut: bool, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.pads = pads
+        self.conv1 = torch.nn.Conv2d(c, c_mid, 3, stride=stride)
+        self.conv2 = torch.nn.Conv2d(c_mid, c, 3, padding=1, padding_mode="circular", bias=False)
+        self.short = torch.nn.Conv2d(c, c, 1, stride=stride, bias=False) if shortcut else None
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+
+    def forward(self, x):
+        h = self.conv1(torch.nn.functional.pad(x, self.pads, mode="circular"))
+        return (x if self.short is None else self.short(x)) + self.conv2(torch.relu(h))
+
+
+@pytest.mark.parametrize("stride,pads,shortcut", [(1, (1, 1, 1, 1), False), (1, (2, 0, 0, 2), False), (2, (1, 1, 1, 1), True)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_circular_block_is_bounded_exactly_on_its_own_grid(stride, pads, shortcut, seed):
+    """Circular convolutions (torch's padding_mode="circular", loaded as CircularConv) take the
+    Fourier step on their own grid, without an embedding: the proven y is the best y of the
+    dense block's inequality for the same multipliers (a wrong tap offset would give another y,
+    above it: unsound), and the block's bound stays above witnessed Jacobian norms."""
+    from lipcert.graph.linear import CircularConv
+
+    graph = lipcert.load(CircularBlock(3, 4, stride, pads, shortcut, seed).double(), (1, 3, 6, 6))
+    w1, w2, s = _parts(graph)
+    assert isinstance(w1, CircularConv) and isinstance(w2, CircularConv)
+    info: dict = {}
+    y = block_factor(w1, w2, s, 0.5, 1.0, 1.0, info)
+    assert y is not None and info["grid"] == [6, 6]
+    W1, W2 = w1.dense(), w2.dense()
+    S = np.eye(W1.shape[1]) if s is None else s.dense()
+    t = np.repeat(info["t"], W1.shape[0] // len(info["t"]))
+    N = np.block([[np.eye(W1.shape[1]), -0.5 * W1.T * t[None, :]], [-0.5 * t[:, None] * W1, np.diag(t)]])
+    B = np.hstack([S, W2])
+    best_dense = 1.0 / np.linalg.eigvalsh(B @ np.linalg.solve(N, B.T)).max()
+    assert best_dense * (1 - 1e-5) <= y <= best_dense * (1 + 1e-9)
+    assert y ** -0.5 >= jacobian_lower(graph, 30) * (1 - 1e-9)
+
+
+def test_zero_and_circular_padding_in_one_block_do_not_take_the_fourier_step():
+    """A block mixing a circular and a zero-padded 3x3 convolution is periodic on no grid."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular")
+            self.conv2 = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv2(torch.relu(self.conv1(x)))
+
+    w1, w2, s = _parts(lipcert.load(Mixed().double(), (1, 2, 6, 6)))
+    assert block_factor(w1, w2, s, 0.5, 1.0, 1.0) is None

@@ -42,6 +42,7 @@ import torch
 
 from ..config import EPS, gamma
 from ..graph import Conv
+from ..graph.linear import CircularConv
 from ..graph.convnorm import _unique_frequencies as unique_frequencies
 from .compose import proven_psd_batch
 
@@ -58,6 +59,27 @@ def _usable(conv: object) -> bool:
     return isinstance(conv, Conv) and not conv.transposed and all(d == 1 for d in conv.dilations)
 
 
+def _pointwise(conv: Conv) -> bool:
+    """An unpadded convolution with a 1x1 kernel: the same on a periodic grid and on a window."""
+    return all(k == 1 for k in conv.weight.shape[2:]) and not any(conv.begins) and not any(conv.ends)
+
+
+def block_view(op: object) -> tuple[Conv, tuple[int, ...] | None] | None:
+    """A layer as this step sees it: (a zero-padded Conv, None), or for a circular convolution
+    (torch's padding_mode="circular") the Conv whose taps start at -shift, with the grid it is
+    periodic on (its own input grid: exact, no embedding); None when the step cannot take it."""
+    if isinstance(op, CircularConv):
+        c = op.conv
+        if op.shift is None or not _usable(c):
+            return None
+        ends = [k - st - p for k, st, p in zip(c.weight.shape[2:], c.strides, op.shift)]
+        if min(ends) < 0:
+            return None
+        conv = Conv(op.in_shape, c.weight.numpy(), c.strides, (*op.shift, *ends), c.dilations, c.groups)
+        return (conv, tuple(op.in_shape[2:])) if conv.out_shape == op.out_shape else None
+    return (op, None) if _usable(op) else None
+
+
 def full_weight(conv: Conv) -> torch.Tensor:
     """The weight (c_out, c_in, *kernel) in float64, a grouped convolution's with zeros between
     its groups (a depthwise convolution's is diagonal in the channels)."""
@@ -72,13 +94,16 @@ def full_weight(conv: Conv) -> torch.Tensor:
     return full
 
 
-def block_grid(w1: Conv, w2: Conv, s: Conv | None) -> list[int] | None:
+def block_grid(w1: Conv, w2: Conv, s: Conv | None, periodic: tuple[int, ...] | None = None) -> list[int] | None:
     """The periodic grid (points per axis) on which every layer of the block is an exact
-    restriction of a circular convolution, or None when the layers do not chain on one grid."""
+    restriction of a circular convolution, or None when the layers do not chain on one grid.
+    ``periodic``: the layers are circular convolutions on this input grid (the grid itself)."""
     if any(st != 1 for st in w2.strides) or (s is not None and tuple(s.strides) != tuple(w1.strides)):
         return None
     if tuple(w2.in_shape[2:]) != tuple(w1.out_shape[2:]) or (s is not None and tuple(s.out_shape[2:]) != tuple(w2.out_shape[2:])):
         return None
+    if periodic is not None:
+        return list(periodic) if all(n % st == 0 for n, st in zip(periodic, w1.strides)) else None
     grid = []
     for i, st in enumerate(w1.strides):
         need = max(w1.in_shape[2 + i] + w1.begins[i] + w1.ends[i], st * (w2.in_shape[2 + i] + w2.begins[i] + w2.ends[i]))
@@ -128,25 +153,33 @@ def block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float
     (S: ``shortcut``, or the identity when None), phi with slopes in [0, 2m]; None when the
     block does not fit this step (see the module docstring). ``info`` receives the multiplier
     and the periodic grid. ``max_work``: blocks whose factorisations cost more are not tried."""
-    if not (_usable(w1) and _usable(w2) and (shortcut is None or _usable(shortcut))) or not m > 0:
+    views = [block_view(op) for op in (w1, w2)] + ([] if shortcut is None else [block_view(shortcut)])
+    if any(v is None for v in views) or not m > 0:
+        return None
+    # circular layers: the block is periodic on its input grid; an unpadded 1x1 convolution (a
+    # shortcut) is circular as it is, but zero and circular padding do not mix
+    periodic = any(v[1] is not None for v in views)
+    if periodic and not all(v[1] is not None or _pointwise(v[0]) for v in views):
         return None
     # the same block again (sdp-wide walks the network as compose does): the proven value computed before
     key = (w2, shortcut, m, c_s, c_b, max_work)
     known = _DONE.setdefault(w1, {}).get(key)
     if known is None:
-        known = _DONE[w1][key] = _block_factor(w1, w2, shortcut, m, c_s, c_b, max_work)
+        v1, v2, *vs = views
+        grid = tuple(v1[0].in_shape[2:]) if periodic else None
+        known = _DONE[w1][key] = _block_factor(v1[0], v2[0], vs[0][0] if vs else None, m, c_s, c_b, max_work, grid)
     if info is not None and known[1]:
         info.update(known[1])
     return known[0]
 
 
-_DONE: "weakref.WeakKeyDictionary[Conv, dict]" = weakref.WeakKeyDictionary()
+_DONE: "weakref.WeakKeyDictionary[Conv | CircularConv, dict]" = weakref.WeakKeyDictionary()
 
 
 def _block_factor(w1: Conv, w2: Conv, shortcut: Conv | None, m: float, c_s: float, c_b: float,
-                  max_work: float) -> tuple[float | None, dict]:
+                  max_work: float, periodic: tuple[int, ...] | None = None) -> tuple[float | None, dict]:
     """block_factor's work: (y or None, the multipliers and the grid)."""
-    grid = block_grid(w1, w2, shortcut)
+    grid = block_grid(w1, w2, shortcut, periodic)
     if grid is None:
         return None, {}
     strides = tuple(w1.strides)

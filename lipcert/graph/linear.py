@@ -401,11 +401,14 @@ class CircularConv(LinearOp):
 
     kind = "circular conv"
 
-    def __init__(self, pad: LinearOp, conv: Conv) -> None:
+    def __init__(self, pad: LinearOp, conv: Conv, shift: tuple[int, ...] | None = None) -> None:
         if not self.covers(pad.in_shape, conv) or pad.out_shape != conv.in_shape:
             raise ValueError(f"{conv.describe()} after {pad.describe()} is not a circular convolution on {pad.in_shape}")
         self.pad, self.conv = pad, conv
         self.in_shape, self.out_shape = pad.in_shape, conv.out_shape
+        # the padding's begin offsets p (out[c, i] = in[c, (i - p) mod n]), when known: y_j =
+        # sum_t K_t x_{(j s + t - p) mod n}, the circular convolution with taps starting at -p
+        self.shift = shift
 
     @staticmethod
     def covers(grid_shape: tuple[int, ...], conv: Conv) -> bool:
@@ -514,7 +517,7 @@ def as_circular(op: LinearOp) -> CircularConv | None:
     shape = circ.conv.in_shape
     before = [Scale(shape, _channel_factor(o).numpy().reshape(-1, *[1] * (len(shape) - 2))) for o in ops[: circs[0]]]
     conv = as_conv(Composed([*before, circ.conv, *ops[circs[0] + 1 :]]))
-    return None if conv is None else CircularConv(circ.pad, conv)
+    return None if conv is None else CircularConv(circ.pad, conv, circ.shift)
 
 
 def conv_of(op: LinearOp) -> Conv | None:

@@ -318,9 +318,9 @@ def _circular_conv(conv: Affine, by_name: dict[str, Node], readers: dict[str, in
         name = node.inputs[0]
     for k in range(len(chain), 0, -1):  # the longest chain that pads circularly
         pad = Composed([n.lin for n in reversed(chain[:k])])
-        if _circular_shift(pad) is not None and CircularConv.covers(pad.in_shape, conv.lin):
+        if (shift := _circular_shift(pad)) is not None and CircularConv.covers(pad.in_shape, conv.lin):
             fused = Affine(name=conv.name, op=f"{conv.op}(circular padding)", inputs=chain[k - 1].inputs, out_shape=conv.out_shape,
-                           lin=CircularConv(pad, conv.lin), bias=conv.bias)
+                           lin=CircularConv(pad, conv.lin, shift), bias=conv.bias)
             return fused, [n.name for n in chain[:k]]
     return None
 
