@@ -42,7 +42,7 @@ import torch
 
 from ..config import EPS, gamma
 from ..graph import Conv
-from ..graph.linear import CircularConv
+from ..graph.linear import CircularConv, Composed
 from ..graph.convnorm import _unique_frequencies as unique_frequencies
 from .compose import proven_psd_batch
 
@@ -67,7 +67,10 @@ def _pointwise(conv: Conv) -> bool:
 def block_view(op: object) -> tuple[Conv, tuple[int, ...] | None] | None:
     """A layer as this step sees it: (a zero-padded Conv, None), or for a circular convolution
     (torch's padding_mode="circular") the Conv whose taps start at -shift, with the grid it is
-    periodic on (its own input grid: exact, no embedding); None when the step cannot take it."""
+    periodic on (its own input grid: exact, no embedding); None when the step cannot take it. A
+    chain with channel scales (an unfolded batch-norm) is taken as its folded convolution."""
+    if isinstance(op, Composed):
+        op = op.conv or op.circular
     if isinstance(op, CircularConv):
         c = op.conv
         if op.shift is None or not _usable(c):
