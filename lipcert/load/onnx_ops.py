@@ -178,6 +178,9 @@ def pad(ctx, node, attrs, name):
 def concat(ctx, node, attrs, name):
     if any(ctx.is_const(i) for i in node.input):
         raise Unsupported("concatenation with a constant tensor is not supported")
+    if len(node.input) == 1:  # a concatenation of one tensor is that tensor (torch's circular padding of one axis)
+        ctx.alias(node.output[0], node.input[0])
+        return
     shapes = [ctx.shape(i) for i in node.input]
     axis = attrs["axis"] % len(shapes[0])
     out = list(shapes[0])
