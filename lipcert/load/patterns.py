@@ -289,7 +289,8 @@ def _circular_shift(op: LinearOp) -> tuple[int, ...] | None:
 def fuse_circular_convs(nodes: list[Node]) -> list[Node]:
     """Every convolution of a circularly padded tensor as one circular convolution (see
     _circular_conv), on the pruned nodes (every reader counted is a live one); the padding nodes
-    it absorbs (read by it alone) are dropped."""
+    it absorbs are dropped once nothing else reads them (a padding two convolutions share is
+    absorbed by both)."""
     by_name = {n.name: n for n in nodes}
     readers: dict[str, int] = {}
     for n in nodes:
@@ -301,7 +302,10 @@ def fuse_circular_convs(nodes: list[Node]) -> list[Node]:
         if isinstance(n, Affine) and isinstance(n.lin, Conv) and (found := _circular_conv(n, by_name, readers)) is not None:
             fused[n.name], chain = found
             absorbed.update(chain)
-    return [fused.get(n.name, n) for n in nodes if n.name not in absorbed]
+    out = [fused.get(n.name, n) for n in nodes]
+    while dead := {n.name for n in out if n.name in absorbed} - {i for n in out for i in n.inputs}:
+        out = [n for n in out if n.name not in dead]
+    return out
 
 
 def _circular_conv(conv: Affine, by_name: dict[str, Node], readers: dict[str, int]) -> tuple[Affine, list[str]] | None:
@@ -311,9 +315,12 @@ def _circular_conv(conv: Affine, by_name: dict[str, Node], readers: dict[str, in
     with the names of the padding nodes it replaces."""
     if conv.lin.transposed or any(conv.lin.begins) or any(conv.lin.ends):
         return None
-    chain: list[Affine] = []  # the single-reader selection nodes above the convolution, nearest first
+    # the selection nodes above the convolution, nearest first: the padded tensor itself may have
+    # other readers (a shared padding), the nodes that build it only the next one
+    chain: list[Affine] = []
     name = conv.inputs[0]
-    while isinstance(node := by_name.get(name), Affine) and node.bias is None and readers.get(name) == 1 and _selection(node.lin):
+    while (isinstance(node := by_name.get(name), Affine) and node.bias is None and (not chain or readers.get(name) == 1)
+           and _selection(node.lin)):
         chain.append(node)
         name = node.inputs[0]
     for k in range(len(chain), 0, -1):  # the longest chain that pads circularly
