@@ -445,6 +445,8 @@ def _initial(tl: _Torch, Xi: torch.Tensor | None, G: int, n: int, window_start: 
             rho = best_rho(tl, tl.to_t(cand), Xi)
             if rho < best[0]:
                 best = (rho, cand)
+    if best[1] is None:  # wide_bound reads this as "no multipliers found" (the naive step stays)
+        raise ValueError("no multipliers of the window constraints' family are feasible")
     return best[1].clone()
 
 
