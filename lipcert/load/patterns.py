@@ -267,7 +267,8 @@ def _circular_shift(op: LinearOp) -> tuple[int, ...] | None:
     """For a selection ``op`` from (1, C, *n) to (1, C, *m) with m >= n, the begin pads p such
     that out[c, i] = in[c, (i - p) mod n] for every entry (torch's circular padding), else None."""
     shape_in, shape_out = op.in_shape, op.out_shape
-    if len(shape_in) < 3 or len(shape_in) != len(shape_out) or shape_in[:2] != shape_out[:2] or any(m < n for n, m in zip(shape_in[2:], shape_out[2:])):
+    if (len(shape_in) < 3 or len(shape_in) != len(shape_out) or shape_in[:2] != shape_out[:2]
+            or any(m < n for n, m in zip(shape_in[2:], shape_out[2:]))):
         return None
     count = math.prod(shape_in)
     with torch.no_grad():

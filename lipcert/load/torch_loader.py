@@ -60,8 +60,10 @@ def _dtype(module: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
-def module_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
-    """Export a module (frozen first: see ``frozen_copy``) to an in-memory ONNX model."""
+def module_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[onnx.ModelProto, bool]:
+    """Export a module (frozen first: see ``frozen_copy``) to an in-memory ONNX model; and whether
+    the trace turned a tensor into a Python value (control flow that may depend on the input;
+    deel-torchlip's shape checks do it too, so it is a hint for the cross-check, not a refusal)."""
     module = frozen_copy(module)
     where = type(module).__name__
     example = torch.zeros(input_shape, dtype=_dtype(module))
@@ -89,12 +91,8 @@ def module_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onn
             "the module runs, but torch.onnx.export (TorchScript) cannot trace it: replace the layer named in the "
             "message, or export the model to ONNX yourself and load the file",
         ) from None
-    model = onnx.load_from_string(buffer.getvalue())
-    # a tensor turned into a Python value while tracing: control flow that may depend on the input
-    # (deel-torchlip's shape checks do it too, so it is a hint for the cross-check, not a refusal)
-    if any(issubclass(w.category, torch.jit.TracerWarning) and "Python" in str(w.message) for w in caught):
-        model.doc_string = _BRANCH_HINT
-    return model
+    branch = any(issubclass(w.category, torch.jit.TracerWarning) and "Python" in str(w.message) for w in caught)
+    return onnx.load_from_string(buffer.getvalue()), branch
 
 
 _BRANCH_HINT = ("the module turns a tensor into a Python value in forward (an `if` on the input, .item(), ...): "
@@ -105,11 +103,11 @@ def torch_to_graph(module: torch.nn.Module, input_shape: tuple[int, ...] | None)
     if input_shape is None:
         raise InputError("loading a torch module needs input_shape", type(module).__name__, "pass input_shape=(1, C, H, W) (the batch axis included)")
     shape = tuple(int(n) for n in input_shape)
-    model = module_to_onnx(module, shape)
+    model, branch = module_to_onnx(module, shape)
     # ONNX keeps float attributes in float32; a float64 module's own values reach the converters
     exact = _float64_attributes(module) if _dtype(module) == torch.float64 else None
     graph = onnx_to_graph(model, shape, source=f"torch module {type(module).__name__}", exact_floats=exact)
-    crosscheck_module(graph, frozen_copy(module), hint=model.doc_string == _BRANCH_HINT)
+    crosscheck_module(graph, frozen_copy(module), hint=branch)
     return graph
 
 
