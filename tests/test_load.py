@@ -312,3 +312,12 @@ def test_a_module_with_a_branch_on_the_input_is_refused_with_the_reason():
 
     with pytest.raises(ModelError, match="turns a tensor into a Python value"):
         lipcert.load(Branchy(), (1, 4))
+
+
+def test_a_cross_check_that_compares_nothing_refuses_the_model():
+    """onnxruntime's float32 outputs overflow on every random input (|x| summed by weights 3e38):
+    its NaN deviations passed the cross-check, which then compared nothing; now refused."""
+    m = graph_model([helper.make_node("Abs", ["x"], ["a"]), helper.make_node("MatMul", ["a", "w"], ["y"])], [1, 64],
+                    {"w": np.full((64, 2), 3e38, np.float32)})
+    with pytest.raises(ModelError, match="not finite on any random input"):
+        lipcert.load(m)
