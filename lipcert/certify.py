@@ -426,8 +426,7 @@ def _unsettled(matrix: np.ndarray, lower: np.ndarray, logits: np.ndarray, labels
             y, margins = _margins(logits[i])
             others = [c for c in range(len(margins)) if c != y]
             radius = margin_radius(margins[others], matrix[y, others])
-            with np.errstate(divide="ignore"):
-                r_up = float(np.min(np.where(lower[y, others] > 0, margins[others] / np.maximum(lower[y, others], 1e-300), np.inf)))
+            r_up = margin_radius(margins[others], lower[y, others])
             if radius < SETTLE * r_up:
                 keep.append(i)
         if keep:
@@ -444,8 +443,7 @@ def _settle_value(matrix: np.ndarray, lower: np.ndarray, logits: np.ndarray, pai
         y, margins = _margins(logits[i])
         other = pair[1] if pair[0] == y else pair[0]
         others = [c for c in range(len(margins)) if c != y]
-        with np.errstate(divide="ignore"):
-            r_up = float(np.min(np.where(lower[y, others] > 0, margins[others] / np.maximum(lower[y, others], 1e-300), np.inf)))
+        r_up = margin_radius(margins[others], lower[y, others])
         if not math.isfinite(r_up) or r_up <= 0:
             return 0.0
         out = min(out, margins[other] / (SETTLE * r_up))

@@ -285,7 +285,7 @@ def bound(model: str, input_shape, method: str, norm: str, seed: int, iterations
     if as_json:
         rows = [{**r.to_dict(), "best": r.method == best} for r in results]
         echo_json({"model": model, "sha256": graph.sha256, "best_upper": best, "results": rows, "skipped": skipped,
-                               "budget": _budget_json(allowance)})
+                   "budget": _budget_json(allowance)})
     else:
         out = format_results(results, layers=layers, best=best if len(results) > 1 else None)
         for name, reason in skipped.items():

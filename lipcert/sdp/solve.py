@@ -54,12 +54,17 @@ def fast_solver_available() -> bool:
     return True
 
 
+def installed_sdp_solvers() -> list[str]:
+    """The installed cvxpy solvers that can solve LipSDP (not OSQP, GLPK, ...), best first."""
+    installed = installed_solvers()
+    return [name for name in SOLVER_PREFERENCE if name in installed]
+
+
 def default_solver() -> str:
     """The best installed generic cvxpy solver for LipSDP."""
-    installed = installed_solvers()
-    for name in SOLVER_PREFERENCE:
-        if name in installed:
-            return name
+    sdp = installed_sdp_solvers()
+    if sdp:
+        return sdp[0]
     raise InputError("no SDP solver is installed for cvxpy", None, "pip install sdpa-python (or cvxopt, clarabel, scs)")
 
 
@@ -69,14 +74,13 @@ def check_solver(solver: str | None) -> str | None:
         return None
     if solver.lower() in (FAST, "fast"):
         if not fast_solver_available():
-            raise InputError("solver 'lipcert-fast' is not available in this installation", None, f"choose one of: {', '.join(s for s in installed_solvers() if s in SOLVER_PREFERENCE)}")
+            raise InputError("solver 'lipcert-fast' is not available in this installation", None, f"choose one of: {', '.join(installed_sdp_solvers())}")
         return FAST
     name = solver.upper()
-    installed = installed_solvers()
-    sdp = [s for s in installed if s in SOLVER_PREFERENCE]  # cvxpy's LP/QP solvers (OSQP, GLPK, ...) cannot solve LipSDP
+    sdp = installed_sdp_solvers()
     if name not in sdp:
         choices = ", ".join([FAST] * fast_solver_available() + sdp)
-        why = "cannot solve semidefinite programs (LipSDP)" if name in installed else "is not installed for cvxpy"
+        why = "cannot solve semidefinite programs (LipSDP)" if name in installed_solvers() else "is not installed for cvxpy"
         raise InputError(f"solver {solver!r} {why}", None, f"choose one of: {choices}")
     return name
 
